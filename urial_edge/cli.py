@@ -1,0 +1,491 @@
+"""The ``urial-edge`` command line.
+
+stdout carries only answers (or JSON); progress, warnings and errors go to stderr.
+Exit codes: 0 success, 1 error, 2 bad usage, 3 a batch finished with invalid lines,
+130 interrupted. Heavy modules are imported inside commands so ``--help`` and
+``--version`` start instantly.
+"""
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import click
+
+from . import __version__
+from .store import UrialError, one_line
+
+EXIT_ERROR, EXIT_BATCH_INVALID, EXIT_INTERRUPTED = 1, 3, 130
+
+
+def fail(message: str, code: int = EXIT_ERROR):
+    click.echo(f"error: {' '.join(message.split())}", err=True)
+    sys.exit(code)
+
+
+class Group(click.Group):
+    """A command group that turns expected failures into one-line errors."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except UrialError as e:
+            fail(str(e))
+        except KeyboardInterrupt:
+            click.echo("interrupted", err=True)
+            sys.exit(EXIT_INTERRUPTED)
+        except (click.exceptions.Exit, click.ClickException, click.Abort, SystemExit):
+            raise
+        except BrokenPipeError:
+            sys.stderr.close()
+            sys.exit(0)
+        except Exception as e:
+            if os.environ.get("URIAL_EDGE_DEBUG"):
+                raise
+            fail(f"unexpected {type(e).__name__}: {one_line(e)} "
+                 "(set URIAL_EDGE_DEBUG=1 for a traceback)")
+
+
+def model_options(f):
+    f = click.option("--prompt", "-p", default=None, metavar="NAME_OR_PATH",
+                     help="URIAL prompt: a shipped name (urial-k3 default) or a file.")(f)
+    f = click.option("--model", "-m", default=None, metavar="MODEL",
+                     help="Registry name, MLX model directory, .gguf file or HF repo id.")(f)
+    return f
+
+
+def generation_options(f):
+    options = [
+        click.option("--max-tokens", type=click.IntRange(min=1), default=512, show_default=True),
+        click.option("--temperature", "--temp", type=click.FloatRange(0, 5), default=0.0, show_default=True),
+        click.option("--top-p", type=click.FloatRange(0, 1, min_open=True), default=1.0, show_default=True),
+        click.option("--repetition-penalty", type=click.FloatRange(0.5, 3), default=1.1, show_default=True),
+        click.option("--seed", type=int, default=None, help="Random seed for sampling."),
+        click.option("--stop", multiple=True, help="Extra stop string (repeatable)."),
+        click.option("--kv-bits", type=click.Choice(["4", "8", "none"]), default="none", show_default=True,
+                     help="Quantize the cached KV state."),
+        click.option("--no-cache", is_flag=True, help="Skip the prefix cache: full prefill every time."),
+    ]
+    for option in reversed(options):
+        f = option(f)
+    return model_options(f)
+
+
+def load_assistant(model, prompt, kv_bits, no_cache, **generation):
+    from .assistant import Assistant
+
+    return Assistant.load(model, prompt, kv_bits=None if kv_bits == "none" else int(kv_bits),
+                          cache=not no_cache, **generation)
+
+
+def split_generation(kwargs: dict) -> dict:
+    keys = ("max_tokens", "temperature", "top_p", "repetition_penalty", "seed", "stop")
+    return {k: kwargs.pop(k) for k in keys}
+
+
+def read_stdin() -> str:
+    data = sys.stdin.buffer.read()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise UrialError(f"standard input is not valid UTF-8 (byte {e.start})") from None
+
+
+@click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="urial-edge")
+def cli():
+    """Aligned answers from base LLMs, offline, with a cached URIAL prefix."""
+    from .startup import prepare
+
+    prepare()
+
+
+# -- ask / chat / batch ---------------------------------------------------------
+
+
+@cli.command()
+@click.argument("query", required=False)
+@generation_options
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object with text and stats.")
+@click.option("--verbose", "-v", is_flag=True, help="Print stats to stderr.")
+def ask(query, as_json, verbose, **kwargs):
+    """Answer QUERY (or standard input when QUERY is '-' or input is piped)."""
+    if query is None or query == "-":
+        if query is None and sys.stdin.isatty():
+            raise UrialError("no query: pass it as an argument, or pipe it on standard input")
+        query = read_stdin()
+    if not query.strip():
+        raise UrialError("the query is empty")
+    generation = split_generation(kwargs)
+    no_cache = kwargs["no_cache"]
+    assistant = load_assistant(**kwargs, **generation)
+    stream = assistant.stream(query, no_cache=no_cache)
+    if as_json:
+        answer = stream.finish()
+        click.echo(json.dumps(answer.as_dict(), ensure_ascii=False))
+    else:
+        for piece in stream:
+            click.echo(piece, nl=False)
+        click.echo()
+        answer = stream.answer
+    if verbose:
+        click.echo(format_stats(answer.stats.as_dict(), answer.finish_reason), err=True)
+
+
+def format_stats(stats: dict, finish_reason: str) -> str:
+    return (f"ttft {stats['ttft']:.3f}s | prefill {stats['prefill_tokens']} tok @ {stats['prefill_tps']:.1f} tok/s | "
+            f"decode {stats['generation_tokens']} tok @ {stats['generation_tps']:.1f} tok/s | "
+            f"cache {'hit' if stats['cache_hit'] else 'miss'} ({stats['cached_tokens']} tok) | "
+            f"peak {stats['peak_memory_mb']:.0f} MB | finish {finish_reason}")
+
+
+@cli.command()
+@generation_options
+@click.option("--session", "-s", default=None, help="Persist the conversation and its KV state under this name.")
+@click.option("--verbose", "-v", is_flag=True, help="Print stats after each answer.")
+def chat(session, verbose, **kwargs):
+    """Interactive multi-turn chat. Commands: /reset, /save [NAME], /exit."""
+    generation = split_generation(kwargs)
+    kwargs.pop("no_cache")
+    assistant = load_assistant(**kwargs, no_cache=False, **generation)
+    conversation = assistant.chat(session)
+    if conversation.turns:
+        click.echo(f"(resumed session {session!r}: {len(conversation.turns)} turns)", err=True)
+    click.echo("Type a message; /reset, /save [NAME], /exit. Ctrl-C stops an answer.", err=True)
+    while True:
+        try:
+            click.echo(">>> ", nl=False, err=True)
+            line = sys.stdin.readline()
+        except KeyboardInterrupt:
+            click.echo("", err=True)
+            break
+        if not line:
+            break
+        message = line.strip()
+        if not message:
+            continue
+        if message.startswith("/"):
+            command, _, arg = message.partition(" ")
+            if command in ("/exit", "/quit", "/bye"):
+                break
+            if command == "/reset":
+                conversation.reset()
+                click.echo("(conversation cleared)", err=True)
+            elif command == "/save":
+                path = conversation.save(arg.strip() or None)
+                click.echo(f"(saved to {path})", err=True)
+            else:
+                click.echo(f"unknown command {command}: use /reset, /save [NAME] or /exit", err=True)
+            continue
+        stream = conversation.stream(message)
+        try:
+            for piece in stream:
+                click.echo(piece, nl=False)
+            click.echo()
+        except KeyboardInterrupt:
+            click.echo("\n(stopped; this turn was not kept)", err=True)
+            continue
+        if verbose:
+            click.echo(format_stats(stream.answer.stats.as_dict(), stream.answer.finish_reason), err=True)
+        if session:
+            conversation.save()
+
+
+def read_batch(path: Path):
+    """Yield ``(line number, id, query, problem)`` for each non-blank line of a JSONL file."""
+    try:
+        handle = open(path, "rb")
+    except OSError as e:
+        raise UrialError(f"cannot read {path}: {e.strerror}") from None
+    with handle:
+        for number, raw in enumerate(handle, 1):
+            if not raw.strip():
+                continue
+            try:
+                item = json.loads(raw.decode("utf-8"))
+            except (UnicodeDecodeError, ValueError) as e:
+                yield number, None, None, f"not valid JSON ({type(e).__name__})"
+                continue
+            if not isinstance(item, dict):
+                yield number, None, None, "not a JSON object"
+                continue
+            query, item_id = item.get("query"), item.get("id", number)
+            if not isinstance(query, str) or not query.strip():
+                yield number, item_id, None, "missing or empty 'query'"
+            elif not isinstance(item_id, (str, int)) or isinstance(item_id, bool):
+                yield number, None, None, "'id' must be a string or an integer"
+            else:
+                yield number, item_id, query, None
+
+
+def done_ids(out: Path) -> set:
+    """Ids already answered in ``out``; a partial last line from an interrupted run is cut off."""
+    if not out.exists():
+        return set()
+    data = out.read_bytes()
+    if data and not data.endswith(b"\n"):
+        keep = data.rfind(b"\n") + 1
+        with open(out, "r+b") as f:
+            f.truncate(keep)
+        data = data[:keep]
+    ids = set()
+    for line in data.splitlines():
+        try:
+            ids.add(json.loads(line)["id"])
+        except (ValueError, KeyError, TypeError):
+            raise UrialError(f"{out} has a line that is not a batch result; use another output file") from None
+    return ids
+
+
+@cli.command()
+@click.argument("infile", type=click.Path(path_type=Path))
+@click.option("--output", "-o", "out", required=True, type=click.Path(path_type=Path), help="JSONL results file.")
+@generation_options
+def batch(infile, out, **kwargs):
+    """Answer every {"id", "query"} line of INFILE into OUTPUT (resumable)."""
+    from .store import stderr_progress
+
+    items = list(read_batch(infile))
+    finished = done_ids(out)
+    invalid = [(n, problem) for n, _, _, problem in items if problem]
+    todo, seen = [], set(finished)
+    for n, item_id, query, problem in items:
+        if problem:
+            continue
+        if item_id in seen:
+            if item_id not in finished:
+                invalid.append((n, f"duplicate id {item_id!r}"))
+            continue
+        seen.add(item_id)
+        todo.append((item_id, query))
+    for n, problem in sorted(invalid):
+        click.echo(f"{infile}:{n}: {problem}", err=True)
+    if todo:
+        generation = split_generation(kwargs)
+        no_cache = kwargs["no_cache"]
+        assistant = load_assistant(**kwargs, **generation)
+        progress = stderr_progress("answering")
+        progress(0, len(todo))
+        with open(out, "a", encoding="utf-8") as f:
+            for k, (item_id, query) in enumerate(todo, 1):
+                answer = assistant.ask(query, no_cache=no_cache)
+                f.write(json.dumps({"id": item_id, **answer.as_dict()}, ensure_ascii=False) + "\n")
+                f.flush()
+                progress(k, len(todo))
+    click.echo(f"{len(todo)} answered, {len(finished)} already done, {len(invalid)} invalid", err=True)
+    if invalid:
+        sys.exit(EXIT_BATCH_INVALID)
+
+
+# -- models ---------------------------------------------------------------------------
+
+
+@cli.group(cls=Group)
+def models():
+    """List, inspect, import and remove models."""
+
+
+@models.command("list")
+def models_list():
+    """Registry models and models in the store."""
+    from .models import list_models
+
+    for row in list_models():
+        mark = "*" if row["default"] else " "
+        click.echo(f"{mark} {row['name']:<16} {row['status']:<22} {row['description']}")
+
+
+@models.command("info")
+@click.argument("name", required=False)
+@click.option("--path", "path_only", is_flag=True, help="Print only the local directory.")
+def models_info(name, path_only):
+    """Details of a model (the default when NAME is omitted); the directory is the last line."""
+    from .models import model_info
+    from .store import format_size
+
+    info = model_info(name)
+    if not path_only:
+        for key, value in info.items():
+            if key not in ("path",) and value is not None:
+                click.echo(f"{key}: {format_size(value) if key == 'size_bytes' else value}")
+    click.echo(info["path"])
+
+
+@models.command("import")
+@click.argument("file", type=click.Path(path_type=Path))
+@click.option("--name", default=None, help="Store name (default: the file name).")
+@click.option("--quantize", type=click.Choice(["4", "8", "none"]), default=None,
+              help="MLX quantization (default: the platform's choice).")
+@click.option("--force", is_flag=True, help="Replace a model of the same name.")
+def models_import(file, name, quantize, force):
+    """Convert a GGUF file into an MLX model in the store."""
+    from .models import default_precision, import_into_store, is_model_dir, parse_precision
+    from .store import format_size, dir_size, models_dir, stderr_progress
+
+    name = name or file.stem
+    if "/" in name or name.startswith(".") or not name.strip():
+        raise UrialError(f"invalid model name {name!r}")
+    if is_model_dir(models_dir() / name) and not force:
+        raise UrialError(f"a model named {name!r} already exists; use --force to replace it")
+    bits = default_precision() if quantize is None else parse_precision(quantize)
+    target = import_into_store(file, name, bits, stderr_progress("importing"))
+    click.echo(f"imported {file} as {name!r} ({format_size(dir_size(target))})", err=True)
+    click.echo(str(target))
+
+
+@models.command("remove")
+@click.argument("name")
+def models_remove(name):
+    """Delete a model from the store."""
+    from .models import remove_model
+
+    click.echo(f"removed {remove_model(name)}", err=True)
+
+
+# -- prompts --------------------------------------------------------------------------
+
+
+@cli.group(cls=Group)
+def prompts():
+    """List, show, count and validate URIAL prompts."""
+
+
+@prompts.command("list")
+def prompts_list():
+    """The shipped prompts."""
+    from .prompt import builtin_prompts, load_prompt
+
+    for name in builtin_prompts():
+        p = load_prompt(name)
+        click.echo(f"{name:<10} K={len(p.examples):<2} {p.description}")
+
+
+@prompts.command("show")
+@click.argument("name")
+@click.option("--rendered", is_flag=True, help="Print the exact prefix text that is cached.")
+def prompts_show(name, rendered):
+    """Print a prompt: its parts, or the rendered prefix."""
+    from .prompt import load_prompt, render_prefix
+
+    p = load_prompt(name)
+    if rendered:
+        click.echo(render_prefix(p), nl=False)
+        return
+    click.echo(f"name: {p.name}\nversion: {p.version}\ndescription: {p.description}\n\nsystem:\n{p.system}")
+    for k, ex in enumerate(p.examples, 1):
+        click.echo(f"\nexample {k} query:\n{ex.query}\n\nexample {k} answer:\n{ex.answer}")
+
+
+@prompts.command("tokens")
+@click.argument("name")
+@model_options
+def prompts_tokens(name, model, prompt):
+    """Count the prefix tokens of prompt NAME with a model's tokenizer."""
+    from .models import resolve_model
+    from .prompt import load_prompt, render_prefix
+    from .tokenizer import Tokenizer
+
+    p = load_prompt(name)
+    tok = Tokenizer(resolve_model(model))
+    click.echo(f"{p.name}: {len(tok.encode(render_prefix(p), bos=True))} tokens")
+
+
+@prompts.command("validate")
+@click.argument("path")
+@model_options
+def prompts_validate(path, model, prompt):
+    """Check a prompt file: format, empty or repeated examples, length and token boundary."""
+    from .models import read_config, resolve_model
+    from .prompt import boundary_problems, check, load_prompt, render_prefix
+    from .tokenizer import Tokenizer
+
+    p = load_prompt(path)
+    model_path = resolve_model(model)
+    tok = Tokenizer(model_path)
+    context = int(read_config(model_path).get("max_position_embeddings") or 4096)
+    n = len(tok.encode(render_prefix(p), bos=True))
+    problems = check(p) + boundary_problems(p, tok)
+    if n >= context:
+        problems.append(f"the prefix is {n} tokens, longer than the model's context of {context}")
+    for problem in problems:
+        click.echo(problem)
+    if problems:
+        sys.exit(EXIT_ERROR)
+    click.echo(f"ok: {p.name}, {len(p.examples)} examples, {n} tokens", err=True)
+
+
+# -- cache ----------------------------------------------------------------------------
+
+
+@cli.group(cls=Group)
+def cache():
+    """Build, list, verify and clear prefix KV caches."""
+
+
+@cache.command("build")
+@model_options
+@click.option("--kv-bits", type=click.Choice(["4", "8", "none"]), default="none", show_default=True)
+def cache_build(model, prompt, kv_bits):
+    """Build (or find) the prefix cache for a model and prompt."""
+    assistant = load_assistant(model, prompt, kv_bits, no_cache=False)
+    pc = assistant.prefix
+    click.echo(f"{'found' if pc.hit else 'built'} {len(pc.tokens)}-token prefix in {pc.seconds:.2f}s", err=True)
+    click.echo(str(pc.path))
+
+
+@cache.command("list")
+def cache_list():
+    """Cache files, newest first."""
+    from .prefix_cache import list_caches
+    from .store import format_size
+
+    for row in list_caches():
+        if row.get("damaged"):
+            click.echo(f"{row['key']}  {format_size(row['size']):>9}  DAMAGED")
+        else:
+            model = Path(str(row.get("model"))).name
+            click.echo(f"{row['key']}  {format_size(row['size']):>9}  {row.get('prefix_tokens')} tok  "
+                       f"kv={row.get('kv_bits')}  {model} / {row.get('prompt')}")
+
+
+@cache.command("verify")
+def cache_verify():
+    """Check every cache file's integrity; exit 1 if any is damaged."""
+    from .prefix_cache import verify_caches
+
+    bad = 0
+    for path, problem in verify_caches():
+        click.echo(f"{'ok' if problem is None else 'BAD'}  {path.name}" + (f"  {problem}" if problem else ""))
+        bad += problem is not None
+    if bad:
+        sys.exit(EXIT_ERROR)
+
+
+@cache.command("clear")
+@click.option("--older-than", default=None, metavar="DURATION", help="Only files unused for this long (7d, 12h).")
+@click.option("--max-size", default=None, metavar="SIZE", help="Delete the oldest files beyond this total (500M).")
+def cache_clear(older_than, max_size):
+    """Delete cache files (all, or by age / total size)."""
+    from .prefix_cache import clear_caches
+    from .store import parse_duration, parse_size
+
+    removed = clear_caches(parse_duration(older_than) if older_than else None,
+                           parse_size(max_size) if max_size else None)
+    click.echo(f"removed {len(removed)} cache file(s)", err=True)
+
+
+@cache.command("path")
+def cache_path():
+    """Print the cache directory."""
+    from .store import cache_dir
+
+    click.echo(str(cache_dir()))
+
+
+def main():
+    cli(prog_name="urial-edge")
+
+
+if __name__ == "__main__":
+    main()

