@@ -10,12 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from urial_edge.startup import light_mlx_lm
-
-light_mlx_lm()
-
-import mlx.core as mx  # noqa: E402
-from mlx.utils import tree_flatten  # noqa: E402
+import urial_edge  # noqa: F401  (sets up BLAS and light imports before MLX loads)
+import mlx.core as mx
+from mlx.utils import tree_flatten
 
 TINY_CONFIGS = {
     # 5 sliding-window layers (RotatingKVCache, window 16) and 1 global layer (KVCache)
@@ -82,9 +79,6 @@ def tiny_gemma(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_llama(tmp_path_factory):
     return make_tiny_model(tmp_path_factory.mktemp("tiny") / "llama", "llama")
-
-
-SHARED_HOME = None
 
 
 @pytest.fixture(scope="session")

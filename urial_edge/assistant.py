@@ -23,7 +23,6 @@ from .prefix_cache import PrefixCache, copy_cache, load_or_build, make_cache
 from .store import Progress, UrialError, atomic_dir, sessions_dir, stderr_progress
 from .tokenizer import StreamingDecoder, Tokenizer
 
-import mlx.core as mx  # noqa: E402  (after .generate set up the light mlx_lm import)
 
 
 @dataclass
@@ -135,6 +134,16 @@ class Assistant:
     def _options(self, overrides: dict) -> GenerationOptions:
         return replace(self.options, **overrides) if overrides else self.options
 
+    def _check_fits(self, context_used: int, new_tokens: int) -> int:
+        """Room left for generation; a one-line error if the new tokens do not fit."""
+        left = self.context_length - context_used - new_tokens
+        if left < 1:
+            raise UrialError(
+                f"the query is {new_tokens} tokens but only {self.context_length - context_used} tokens "
+                f"of context are left after the {context_used}-token prefix"
+            )
+        return left
+
     def _check_query(self, query: str) -> str:
         if not isinstance(query, str) or not query.strip():
             raise UrialError("the query is empty")
@@ -143,12 +152,7 @@ class Assistant:
     def _generate(self, cache: list, history: List[int], new_ids: List[int], options: GenerationOptions,
                   stats: Stats, run: _Run, start: float) -> Iterator[str]:
         """Feed ``new_ids`` on top of ``cache`` (which holds ``history``) and stream the answer text."""
-        left = self.context_length - len(history) - len(new_ids)
-        if left < 1:
-            raise UrialError(
-                f"the query is {len(new_ids)} tokens but only {self.context_length - len(history)} tokens "
-                f"of context are left after the {len(history)}-token prefix"
-            )
+        left = self._check_fits(len(history), len(new_ids))
         options = replace(options, max_tokens=min(options.max_tokens, left))
         stats.prefill_tokens = len(new_ids)
         stats.prompt_tokens = len(history) + len(new_ids)
@@ -189,6 +193,7 @@ class Assistant:
         """Cache, history ids and new ids for a request whose text after the prefix is ``history_text``."""
         stats = Stats()
         rest = self.tokenizer.encode(history_text)
+        self._check_fits(len(self.prefix_ids), len(rest))
         if no_cache or not self.use_cache:
             return make_cache(self.model, self.kv_bits), [], self.prefix_ids + rest, stats
         prefix = self.prefix
@@ -196,18 +201,23 @@ class Assistant:
         stats.cached_tokens = len(prefix.tokens)
         return prefix.fresh(), list(prefix.tokens), rest, stats
 
-    def stream(self, query: str, *, no_cache: bool = False, **options) -> "AnswerStream":
-        """Answer ``query`` as text pieces while it is generated; ``.answer`` holds the result after."""
+    def stream(self, query: str, *, history: Sequence[Tuple[str, str]] = (), no_cache: bool = False,
+               **options) -> "AnswerStream":
+        """Answer ``query`` as text pieces while it is generated; ``.answer`` holds the result after.
+
+        ``history`` is a list of earlier ``(query, answer)`` turns to render before the query.
+        """
         start = time.perf_counter()
         query = self._check_query(query)
-        cache, history, new_ids, stats = self._start(urial.render_turn(query), no_cache)
+        cache, history, new_ids, stats = self._start(urial.render_history(history, query), no_cache)
         run = _Run()
         pieces = self._generate(cache, history, new_ids, self._options(options), stats, run, start)
         return AnswerStream(pieces, stats, run)
 
-    def ask(self, query: str, *, no_cache: bool = False, **options) -> Answer:
+    def ask(self, query: str, *, history: Sequence[Tuple[str, str]] = (), no_cache: bool = False,
+            **options) -> Answer:
         """Answer ``query`` (greedy by default) and return the text with stats."""
-        return self.stream(query, no_cache=no_cache, **options).finish()
+        return self.stream(query, history=history, no_cache=no_cache, **options).finish()
 
     def batch(self, queries: Sequence[str], **options) -> Iterator[Answer]:
         """Answer each query in turn, every one starting from the same cached prefix."""

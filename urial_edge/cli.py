@@ -96,9 +96,6 @@ def read_stdin() -> str:
 @click.version_option(__version__, prog_name="urial-edge")
 def cli():
     """Aligned answers from base LLMs, offline, with a cached URIAL prefix."""
-    from .startup import prepare
-
-    prepare()
 
 
 # -- ask / chat / batch ---------------------------------------------------------

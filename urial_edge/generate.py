@@ -11,12 +11,9 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable, Iterator, List, Optional, Sequence
 
-from .startup import light_mlx_lm
+import mlx.core as mx
+
 from .store import UrialError
-
-light_mlx_lm()
-
-import mlx.core as mx  # noqa: E402
 
 PREFILL_STEP = 512
 REPETITION_CONTEXT = 64

@@ -9,6 +9,7 @@ describing where it came from.
 
 import hashlib
 import json
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -177,6 +178,7 @@ def read_metadata(reader) -> dict:
 
 def build_tokenizer(reader, arch: str):
     """Rebuild a ``tokenizers.Tokenizer`` and its BOS/EOS settings from GGUF metadata."""
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # no "PyTorch was not found" notice
     from transformers.integrations.gguf.gguf_tokenizer_mapping import convert_gguf_tokenizer
 
     fields = {

@@ -23,14 +23,12 @@ from pathlib import Path
 from typing import List, Optional
 
 from .generate import prefill
-from .startup import light_mlx_lm
 from .store import Progress, UrialError, atomic_file, cache_dir, describe_os_error, ensure_dir, one_line
 
-light_mlx_lm()
 
-import mlx.core as mx  # noqa: E402
-from mlx.utils import tree_flatten, tree_map  # noqa: E402
-from mlx_lm.models import cache as mlx_cache  # noqa: E402
+import mlx.core as mx
+from mlx.utils import tree_flatten, tree_map
+from mlx_lm.models import cache as mlx_cache
 
 FORMAT_VERSION = 1
 KV_GROUP_SIZE = 64

@@ -50,8 +50,8 @@ INSTRUCTION = "# Instruction"
 STOP_STRINGS = ("\n" + FENCE, QUERY)
 DEFAULT_PROMPT = "urial-k3"
 
-_DANGEROUS = re.compile(r"^([ \t]*)(\\*)(`{3}|#[ \t]*(?:query|answer|instruction)\b)", re.IGNORECASE)
-_ESCAPED = re.compile(r"^([ \t]*)\\(\\*)(`{3}|#[ \t]*(?:query|answer|instruction)\b)", re.IGNORECASE)
+_DANGEROUS = re.compile(r"^([^\S\n]*)(\\*)(`{3}|#[^\S\n]*(?:query|answer|instruction))", re.IGNORECASE)
+_ESCAPED = re.compile(r"^([^\S\n]*)\\(\\*)(`{3}|#[^\S\n]*(?:query|answer|instruction))", re.IGNORECASE)
 
 
 @dataclass

@@ -1,0 +1,115 @@
+"""The Python API on tiny random-weight models: ask, stream, chat sessions, batch."""
+
+import pytest
+
+from conftest import make_tiny_model
+from urial_edge.assistant import Assistant
+from urial_edge.store import UrialError
+
+PROMPT = '''name = "tiny"
+system = "You are a helpful assistant. Answer briefly and clearly."
+[[examples]]
+query = "What is one plus one?"
+answer = "One plus one is two."
+'''
+
+MESSAGES = ["Hello there, who are you?", "Tell me about rivers.", "And mountains?"]
+
+
+@pytest.fixture
+def prompt_file(tmp_path):
+    f = tmp_path / "tiny.toml"
+    f.write_text(PROMPT)
+    return str(f)
+
+
+def load(path, prompt_file, **options):
+    options.setdefault("max_tokens", 12)
+    return Assistant.load(str(path), prompt_file, **options)
+
+
+def test_ask_cached_equals_no_cache(home, tiny_gemma, prompt_file):
+    bot = load(tiny_gemma, prompt_file)
+    cached = bot.ask("What is a river?")
+    full = bot.ask("What is a river?", no_cache=True)
+    assert cached.text == full.text and cached.tokens == full.tokens
+    assert cached.finish_reason in ("stop", "length")
+    assert cached.stats.prefill_tokens < full.stats.prefill_tokens
+    assert cached.stats.ttft > 0 and cached.stats.generation_tokens == cached.tokens
+
+
+def test_stream_pieces_join_to_the_answer(home, tiny_llama, prompt_file):
+    bot = load(tiny_llama, prompt_file)
+    stream = bot.stream("Name a colour.")
+    pieces = list(stream)
+    assert "".join(pieces).strip() == stream.answer.text == bot.ask("Name a colour.").text
+
+
+def test_second_process_hits_the_disk_cache(home, tiny_llama, prompt_file):
+    first = load(tiny_llama, prompt_file).ask("Hi?")
+    second = load(tiny_llama, prompt_file).ask("Hi?")
+    assert not first.stats.cache_hit and second.stats.cache_hit
+    assert first.text == second.text
+
+
+@pytest.mark.parametrize("arch", ["gemma3", "llama"])
+def test_chat_equals_fresh_full_render(home, tmp_path, prompt_file, arch):
+    path = make_tiny_model(tmp_path / arch, arch)
+    bot = load(path, prompt_file, max_tokens=10)
+    chat = bot.chat()
+    history = []
+    for message in MESSAGES:
+        got = chat.send(message)
+        expected = bot.ask(message, history=history, no_cache=True)
+        assert got.text == expected.text
+        history.append((message, got.text))
+    assert chat.turns == history
+
+
+def test_chat_session_saves_and_resumes(home, tiny_gemma, prompt_file):
+    bot = load(tiny_gemma, prompt_file)
+    chat = bot.chat("demo")
+    chat.send(MESSAGES[0])
+    path = chat.save()
+    assert (path / "session.json").exists() and (path / "kv.safetensors").exists()
+    resumed = load(tiny_gemma, prompt_file).chat("demo")
+    assert resumed.turns == chat.turns and resumed.ids == chat.ids
+    assert resumed.send(MESSAGES[1]).text == chat.send(MESSAGES[1]).text
+
+
+def test_damaged_session_kv_is_rebuilt(home, tiny_llama, prompt_file, capsys):
+    bot = load(tiny_llama, prompt_file)
+    chat = bot.chat("s1")
+    chat.send(MESSAGES[0])
+    path = chat.save()
+    (path / "kv.safetensors").write_bytes(b"junk")
+    resumed = bot.chat("s1")
+    assert "rebuilding" in capsys.readouterr().err
+    assert resumed.send(MESSAGES[1]).text == chat.send(MESSAGES[1]).text
+
+
+def test_batch_reuses_the_prefix(home, tiny_llama, prompt_file):
+    bot = load(tiny_llama, prompt_file)
+    answers = list(bot.batch(["a?", "b?", "a?"]))
+    assert answers[0].text == answers[2].text
+    from urial_edge.prompt import render_turn
+
+    for q, a in zip(["a?", "b?", "a?"], answers):
+        assert a.stats.prefill_tokens == len(bot.tokenizer.encode(render_turn(q)))
+        assert a.stats.cached_tokens == len(bot.prefix_ids)
+
+
+def test_options_and_bad_input(home, tiny_llama, prompt_file):
+    bot = load(tiny_llama, prompt_file, max_tokens=5)
+    assert bot.ask("x?").tokens <= 5
+    a = bot.ask("x?", temperature=0.8, seed=3)
+    b = bot.ask("x?", temperature=0.8, seed=3)
+    assert a.text == b.text
+    with pytest.raises(UrialError, match="empty"):
+        bot.ask("   ")
+    with pytest.raises(UrialError, match="temperature"):
+        bot.ask("x?", temperature=-1)
+    with pytest.raises(UrialError, match="tokens of context are left"):
+        bot.ask("word " * 3000)
+    with pytest.raises(UrialError, match="invalid session name"):
+        bot.chat("../escape")

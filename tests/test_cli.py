@@ -1,0 +1,142 @@
+"""The command line, through click's CliRunner and real subprocesses (tiny models)."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+from click.testing import CliRunner
+
+from urial_edge.cli import cli
+
+PROMPT = '''name = "tiny"
+system = "You are a helpful assistant."
+[[examples]]
+query = "What is one plus one?"
+answer = "One plus one is two."
+'''
+
+
+@pytest.fixture
+def args(home, tiny_llama, tmp_path):
+    f = tmp_path / "tiny.toml"
+    f.write_text(PROMPT)
+    return ["--model", str(tiny_llama), "--prompt", str(f), "--max-tokens", "8"]
+
+
+def run(*argv, input=None):
+    return CliRunner().invoke(cli, list(argv), input=input, catch_exceptions=False)
+
+
+def assert_one_line_error(result, code=1, match=""):
+    assert result.exit_code == code, result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    assert match in lines[0]
+    assert "Traceback" not in result.output
+
+
+def test_ask_json_reports_ttft_and_cache_hit(args):
+    first = run("ask", *args, "--json", "What is a river?")
+    assert first.exit_code == 0, first.output
+    data = json.loads(first.stdout)
+    assert set(data) >= {"text", "stats"} and data["stats"]["cache_hit"] is False
+    assert data["stats"]["ttft"] > 0
+    second = json.loads(run("ask", *args, "--json", "What is a river?").stdout)
+    assert second["stats"]["cache_hit"] is True and second["text"] == data["text"]
+    full = json.loads(run("ask", *args, "--json", "--no-cache", "What is a river?").stdout)
+    assert full["text"] == data["text"] and full["stats"]["prefill_tokens"] > data["stats"]["prefill_tokens"]
+
+
+def test_ask_reads_stdin_and_streams_only_the_answer(args):
+    by_arg = run("ask", *args, "Name a colour.")
+    by_stdin = run("ask", *args, "-", input="Name a colour.")
+    assert by_arg.exit_code == by_stdin.exit_code == 0
+    assert by_arg.stdout == by_stdin.stdout
+    verbose = run("ask", *args, "-v", "Name a colour.")
+    assert verbose.stdout == by_arg.stdout and "ttft" in verbose.stderr
+
+
+@pytest.mark.parametrize("argv,stdin,match,code", [
+    (["ask", "   "], None, "the query is empty", 1),
+    (["ask", "-"], b"\xff\xfe bad", "not valid UTF-8", 1),
+    (["ask", "--temperature", "9", "x"], None, "", 2),
+    (["ask", "--model", "no-such-model", "x"], None, "unknown model", 1),
+    (["ask", "--prompt", "no-such-prompt", "x"], None, "unknown prompt", 1),
+    (["prompts", "show", "missing.toml"], None, "no such prompt file", 1),
+    (["models", "remove", "nothing"], None, "no model named", 1),
+    (["models", "import", "/nonexistent.gguf"], None, "no such file", 1),
+    (["cache", "clear", "--older-than", "soon"], None, "invalid duration", 1),
+])
+def test_bad_input_gives_one_line_errors(home, argv, stdin, match, code):
+    result = CliRunner().invoke(cli, argv, input=stdin)
+    assert result.exit_code == code, result.output
+    assert "Traceback" not in result.output
+    if code == 1:
+        assert_one_line_error(result, code, match)
+
+
+def test_query_longer_than_context_names_both_numbers(args):
+    result = run("ask", *args, "word " * 3000)
+    assert_one_line_error(result, 1, "tokens of context are left")
+
+
+def test_batch_is_resumable_and_reports_bad_lines(args, tmp_path):
+    infile, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    infile.write_text('{"id": "a", "query": "Hi?"}\nnot json\n{"id": "b", "query": ""}\n'
+                      '{"id": 7, "query": "Bye?"}\n{"id": "a", "query": "dup"}\n')
+    result = run("batch", str(infile), "-o", str(out), *args)
+    assert result.exit_code == 3
+    assert "in.jsonl:2:" in result.stderr and "in.jsonl:3:" in result.stderr and "in.jsonl:5:" in result.stderr
+    lines = [json.loads(x) for x in out.read_text().splitlines()]
+    assert [x["id"] for x in lines] == ["a", 7] and all("text" in x and "stats" in x for x in lines)
+    # an interrupted run left half a line: it is dropped and redone; finished ids are skipped
+    out.write_text(out.read_text().splitlines(keepends=True)[0] + '{"id": 7, "te')
+    again = run("batch", str(infile), "-o", str(out), *args)
+    assert "1 answered, 1 already done" in again.stderr
+    assert [json.loads(x)["id"] for x in out.read_text().splitlines()] == ["a", 7]
+
+
+def test_chat_repl_commands_and_session(args):
+    script = "Hello?\n/save\nWhat next?\n/reset\n/unknown\nAgain?\n/exit\n"
+    result = run("chat", *args, "--session", "s1", input=script)
+    assert result.exit_code == 0, result.output
+    assert "saved to" in result.stderr and "conversation cleared" in result.stderr and "unknown command" in result.stderr
+    assert len(result.stdout.strip().splitlines()) >= 1
+    resumed = run("chat", *args, "--session", "s1", input="/exit\n")
+    assert "resumed session 's1': 1 turns" in resumed.stderr
+
+
+def test_cache_and_models_commands(args, home):
+    assert run("cache", "build", *args[:4]).exit_code == 0
+    listing = run("cache", "list")
+    assert "tiny" in listing.stdout
+    assert run("cache", "verify").exit_code == 0
+    cache_file = next((home / "cache").glob("*.safetensors"))
+    cache_file.write_bytes(cache_file.read_bytes()[:1000])
+    bad = run("cache", "verify")
+    assert bad.exit_code == 1 and "BAD" in bad.stdout
+    assert run("cache", "path").stdout.strip().splitlines()[-1] == str(home / "cache")
+    assert run("cache", "clear").exit_code == 0 and not list((home / "cache").glob("*.safetensors"))
+    info = run("models", "info", args[1], "--path")
+    assert info.stdout.strip().splitlines()[-1] == args[1]
+    assert "gemma-3-270m" in run("models", "list").stdout
+
+
+def test_prompts_commands(home):
+    assert "urial-k3" in run("prompts", "list").stdout
+    rendered = run("prompts", "show", "urial-k3", "--rendered").stdout
+    assert rendered.startswith("# Instruction\n\n") and rendered.endswith("```\n\n")
+
+
+def test_subprocess_ask_and_version(args, home):
+    env = {**os.environ, "URIAL_EDGE_HOME": str(home)}
+    exe = [sys.executable, "-m", "urial_edge.cli"]
+    version = subprocess.run([*exe, "--version"], capture_output=True, text=True, env=env)
+    assert version.returncode == 0 and "urial-edge" in version.stdout
+    out = subprocess.run([*exe, "ask", *args, "--json", "Hi?"], capture_output=True, text=True, env=env)
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout)["stats"]["ttft"] > 0
+    bad = subprocess.run([*exe, "ask", *args, ""], capture_output=True, text=True, env=env)
+    assert bad.returncode == 1 and bad.stderr.strip() == "error: the query is empty"
