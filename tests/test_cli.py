@@ -140,3 +140,21 @@ def test_subprocess_ask_and_version(args, home):
     assert json.loads(out.stdout)["stats"]["ttft"] > 0
     bad = subprocess.run([*exe, "ask", *args, ""], capture_output=True, text=True, env=env)
     assert bad.returncode == 1 and bad.stderr.strip() == "error: the query is empty"
+
+
+def test_doctor_describes_the_setup(home):
+    result = run("doctor")
+    assert result.exit_code == 0, result.output
+    for key in ("platform", "mlx device", "blas", "mlx-lm", "home", "cache", "default model"):
+        assert key in result.stdout
+    if sys.platform.startswith("linux"):
+        assert "reference BLAS" not in result.stdout  # the default install brings an optimised BLAS
+
+
+def test_optimised_blas_can_be_turned_off(home):
+    code = "import urial_edge, mlx.core; from urial_edge.startup import blas_in_use; print(blas_in_use())"
+    env = {**os.environ, "URIAL_EDGE_BLAS": "off"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert out.returncode == 0
+    if sys.platform.startswith("linux"):
+        assert "reference BLAS" in out.stdout

@@ -480,6 +480,69 @@ def cache_path():
     click.echo(str(cache_dir()))
 
 
+@cli.command()
+@model_options
+@click.option("--repeats", type=click.IntRange(min=1), default=3, show_default=True)
+@click.option("--out", type=click.Path(path_type=Path), default=Path("benchmarks/results"), show_default=True)
+def bench(model, prompt, repeats, out):
+    """Benchmark cold and warm latency, decode speed and memory against mlx-lm."""
+    from .bench import run_suite
+
+    result = run_suite(model, prompt, repeats, out)
+    for key, value in result["ratios"].items():
+        click.echo(f"{key:<42} {value:.2f}")
+    click.echo(f"results in {out}", err=True)
+
+
+# -- doctor ---------------------------------------------------------------------------
+
+
+@cli.command()
+def doctor():
+    """Describe the platform, MLX, BLAS, versions and storage; flag misconfiguration."""
+    import platform
+    from importlib.metadata import PackageNotFoundError, version
+
+    import mlx.core as mx
+
+    from .models import default_precision, load_registry, models_dir
+    from .startup import blas_in_use
+    from .store import cache_dir, dir_size, format_size, home, sessions_dir
+
+    problems = []
+
+    def line(key, value):
+        click.echo(f"{key:<16} {value}")
+
+    line("platform", f"{platform.system()} {platform.release()} {platform.machine()}, Python {platform.python_version()}")
+    line("mlx device", f"{mx.default_device()} (Metal {'available' if mx.metal.is_available() else 'not available'})")
+    blas = blas_in_use()
+    line("blas", blas)
+    if sys.platform.startswith("linux") and "slow" in blas and os.environ.get("URIAL_EDGE_BLAS", "").lower() != "off":
+        problems.append("no optimised BLAS found: pip install mkl (x86_64) or apt install libopenblas0-pthread")
+    for package in ("urial-edge", "mlx", "mlx-lm", "huggingface-hub", "click", "gguf", "tokenizers", "mkl"):
+        try:
+            line(package, version(package))
+        except PackageNotFoundError:
+            line(package, "not installed")
+    bits = default_precision()
+    line("precision", f"{'q' + str(bits) if bits else 'float32'} for new conversions")
+    line("home", str(home()))
+    for label, folder in (("models", models_dir()), ("cache", cache_dir()), ("sessions", sessions_dir())):
+        size = format_size(dir_size(folder)) if folder.exists() else "empty"
+        line(label, f"{folder} ({size})")
+        if folder.exists() and not os.access(folder, os.W_OK):
+            problems.append(f"{folder} is not writable")
+    default, _ = load_registry()
+    line("default model", f"{default} ({'ready' if (models_dir() / default).exists() else 'converts on first use'})")
+    if os.environ.get("HF_HUB_OFFLINE"):
+        line("hub", "offline (HF_HUB_OFFLINE set): only cached Hugging Face models resolve")
+    for problem in problems:
+        click.echo(f"problem          {problem}")
+    if problems:
+        sys.exit(EXIT_ERROR)
+
+
 def main():
     cli(prog_name="urial-edge")
 

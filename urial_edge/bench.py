@@ -1,0 +1,181 @@
+"""The benchmark suite behind ``urial-edge bench``: urial-edge against mlx-lm, side by side.
+
+On one model and prompt, in one run:
+
+1. ``urial-edge ask`` in a fresh process, prefix cached;
+2. the same with ``--no-cache``;
+3. ``mlx_lm generate`` with a ``--prompt-cache-file`` made by ``mlx_lm cache_prompt``;
+4. ``mlx_lm generate`` with the full prompt;
+5. the floor: a fresh process that only loads the weights and the prefix cache,
+   prefills the query and takes one decode step;
+6. in-process time to first token, cached and uncached;
+7. decode tokens per second of urial-edge and of ``mlx_lm.stream_generate``;
+
+with the peak memory (max RSS) of each process. Results go to ``OUT/suite.json``,
+``OUT/suite.md`` and ``OUT/suite.png``.
+"""
+
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import List
+
+QUERY = "What are three good habits for staying healthy while working from home?"
+
+FLOOR = r"""
+import sys, time, json
+t0 = time.perf_counter()
+import urial_edge
+import mlx.core as mx
+from mlx_lm.models.cache import load_prompt_cache
+from urial_edge.models import load_model
+model, _ = load_model(__import__("pathlib").Path(sys.argv[1]))
+cache = load_prompt_cache(sys.argv[2])
+ids = json.loads(sys.argv[3])
+logits = model(mx.array(ids)[None], cache=cache)
+y = mx.argmax(logits[:, -1, :], axis=-1)
+mx.eval(model(y[None], cache=cache))
+print(time.perf_counter() - t0)
+"""
+
+
+WRAPPER = r"""
+import json, resource, subprocess, sys, time
+start = time.perf_counter()
+proc = subprocess.run(sys.argv[1:], stdin=sys.stdin, stdout=sys.stdout, stderr=subprocess.PIPE, text=True)
+wall = time.perf_counter() - start
+sys.stderr.write(proc.stderr)
+rss = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+sys.stderr.write("\n" + json.dumps({"wall_s": wall, "peak_rss_mb": rss, "code": proc.returncode}) + "\n")
+"""
+
+
+def timed(cmd: List[str], stdin: str = None) -> dict:
+    """Wall time and peak RSS of one child process (measured by a small wrapper process)."""
+    proc = subprocess.run([sys.executable, "-c", WRAPPER, *cmd], input=stdin, capture_output=True, text=True)
+    report = json.loads(proc.stderr.strip().splitlines()[-1])
+    if report["code"] != 0:
+        raise RuntimeError(f"{' '.join(cmd[:5])} ... failed: {proc.stderr.strip().splitlines()[-2:-1]}")
+    return {"wall_s": report["wall_s"], "peak_rss_mb": report["peak_rss_mb"], "stdout": proc.stdout}
+
+
+def repeat(n: int, fn) -> dict:
+    runs = [fn() for _ in range(n)]
+    return {"wall_s": statistics.median(r["wall_s"] for r in runs),
+            "peak_rss_mb": max((r["peak_rss_mb"] or 0) for r in runs), "runs": [r["wall_s"] for r in runs],
+            "stdout": runs[-1]["stdout"]}
+
+
+def run_suite(model: str = None, prompt: str = None, repeats: int = 3, out: Path = Path("benchmarks/results"),
+              decode_tokens: int = 64) -> dict:
+    from .assistant import Assistant
+
+    bot = Assistant.load(model, prompt, max_tokens=1)
+    exe = [sys.executable, "-m", "urial_edge.cli"]
+    spec = ["--model", str(bot.model_path), "--prompt", bot.prompt.path and str(bot.prompt.path) or bot.prompt.name]
+    rows = {}
+    bot.prefix  # build and save the prefix cache before timing cold runs
+    ask = [*exe, "ask", *spec, "--max-tokens", "1", "--json", QUERY]
+    rows["urial-edge ask, cached (cold process)"] = repeat(repeats, lambda: timed(ask))
+    rows["urial-edge ask --no-cache (cold process)"] = repeat(repeats, lambda: timed(ask + ["--no-cache"]))
+
+    from .prompt import render_turn
+
+    with tempfile.TemporaryDirectory() as tmp:
+        cache_file = str(Path(tmp) / "prefix.safetensors")
+        mlx_lm = [sys.executable, "-m", "mlx_lm"]
+        timed([*mlx_lm, "cache_prompt", "--model", str(bot.model_path), "--prompt", "-",
+               "--prompt-cache-file", cache_file], stdin=bot.prefix_text)
+        query = render_turn(QUERY)
+        rows["mlx_lm generate --prompt-cache-file (cold process)"] = repeat(repeats, lambda: timed(
+            [*mlx_lm, "generate", "--model", str(bot.model_path), "--prompt-cache-file", cache_file,
+             "--prompt", query, "--max-tokens", "1", "--ignore-chat-template"]))
+        rows["mlx_lm generate, full prompt (cold process)"] = repeat(repeats, lambda: timed(
+            [*mlx_lm, "generate", "--model", str(bot.model_path), "--prompt", bot.prefix_text + query,
+             "--max-tokens", "1", "--ignore-chat-template"]))
+    ids = json.dumps(bot.tokenizer.encode(render_turn(QUERY)))
+    floor = [sys.executable, "-c", FLOOR, str(bot.model_path), str(bot.prefix.path), ids]
+    rows["floor: weights + prefix cache + query + 1 step"] = repeat(repeats, lambda: timed(floor))
+
+    warm = {
+        "in-process ttft, cached": min(bot.ask(QUERY).stats.ttft for _ in range(repeats)),
+        "in-process ttft, full prefill": min(bot.ask(QUERY, no_cache=True).stats.ttft for _ in range(repeats)),
+    }
+    decode = decode_speeds(bot, decode_tokens)
+    result = summarise(rows, warm, decode)
+    write(result, out)
+    return result
+
+
+def decode_speeds(bot, n: int) -> dict:
+    """Decode tokens/s of urial-edge and of mlx-lm's stream_generate, same model, prompt and settings."""
+    from mlx_lm import stream_generate
+    from mlx_lm.tokenizer_utils import TokenizerWrapper
+    from transformers import PreTrainedTokenizerFast
+
+    from .prompt import render_turn
+
+    ids = bot.prefix_ids + bot.tokenizer.encode(render_turn(QUERY))
+    wrapper = TokenizerWrapper(PreTrainedTokenizerFast(tokenizer_file=str(bot.model_path / "tokenizer.json")))
+    ours, theirs = [], []
+    for _ in range(2):
+        answer = bot.ask(QUERY, max_tokens=n, repetition_penalty=1.0, stop=["\x00never"])
+        ours.append(answer.stats.generation_tps)
+        last = None
+        for last in stream_generate(bot.model, wrapper, ids, max_tokens=n):
+            pass
+        theirs.append(last.generation_tps)
+    return {"urial-edge decode tok/s": max(ours), "mlx-lm stream_generate decode tok/s": max(theirs)}
+
+
+def summarise(rows: dict, warm: dict, decode: dict) -> dict:
+    from .startup import blas_in_use
+
+    cold = {name: {k: v for k, v in row.items() if k != "stdout"} for name, row in rows.items()}
+    cached = rows["urial-edge ask, cached (cold process)"]["wall_s"]
+    ratios = {
+        "cached ask / mlx_lm with prompt cache": cached / rows["mlx_lm generate --prompt-cache-file (cold process)"]["wall_s"],
+        "cached ask / floor": cached / rows["floor: weights + prefix cache + query + 1 step"]["wall_s"],
+        "cached ask / no-cache ask": cached / rows["urial-edge ask --no-cache (cold process)"]["wall_s"],
+        "in-process ttft speedup (full / cached)": warm["in-process ttft, full prefill"] / warm["in-process ttft, cached"],
+        "decode urial-edge / mlx-lm": decode["urial-edge decode tok/s"] / decode["mlx-lm stream_generate decode tok/s"],
+    }
+    import platform
+
+    machine = {"platform": platform.platform(), "cpus": os.cpu_count(), "python": platform.python_version(),
+               "blas": blas_in_use(), "date": time.strftime("%Y-%m-%d %H:%M:%S")}
+    return {"machine": machine, "cold": cold, "warm": warm, "decode": decode, "ratios": ratios}
+
+
+def write(result: dict, out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "suite.json").write_text(json.dumps(result, indent=2))
+    lines = ["# urial-edge vs mlx-lm", "", "Medians of cold processes; peak memory is the max RSS of each process.", "",
+             "| run | wall s | peak RSS MB |", "|---|---|---|"]
+    lines += [f"| {name} | {row['wall_s']:.2f} | {row['peak_rss_mb']:.0f} |" for name, row in result["cold"].items()]
+    lines += ["", "| in process | value |", "|---|---|"]
+    lines += [f"| {k} | {v:.3f} |" for k, v in {**result["warm"], **result["decode"]}.items()]
+    lines += ["", "| ratio | value |", "|---|---|"]
+    lines += [f"| {k} | {v:.2f} |" for k, v in result["ratios"].items()]
+    lines += ["", "Machine: " + ", ".join(f"{k} {v}" for k, v in result["machine"].items())]
+    (out / "suite.md").write_text("\n".join(lines) + "\n")
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    names = list(result["cold"])
+    fig, ax = plt.subplots(figsize=(9, 3.8))
+    ax.barh(names, [result["cold"][n]["wall_s"] for n in names], color="#4c72b0")
+    ax.invert_yaxis()
+    ax.set_xlabel("wall time of a fresh process, seconds (lower is better)")
+    ax.set_title("Time to one answer token from a cold start")
+    fig.tight_layout()
+    fig.savefig(out / "suite.png", dpi=120)
