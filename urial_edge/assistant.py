@@ -62,7 +62,7 @@ class AnswerStream:
             self._text.append(piece)
             yield piece
         text = "".join(self._text).strip()
-        self.answer = Answer(text, len(self._run.token_ids), self._run.finish_reason, self._stats)
+        self.answer = Answer(text, self._stats.generation_tokens, self._run.finish_reason, self._stats)
         if self._on_done:
             self._on_done(self.answer)
 

@@ -106,7 +106,8 @@ def cli():
 @generation_options
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object with text and stats.")
 @click.option("--verbose", "-v", is_flag=True, help="Print stats to stderr.")
-def ask(query, as_json, verbose, **kwargs):
+@click.option("--no-daemon", is_flag=True, help="Never use a running `urial-edge serve`; answer in-process.")
+def ask(query, as_json, verbose, no_daemon, **kwargs):
     """Answer QUERY (or standard input when QUERY is '-' or input is piped)."""
     if query is None or query == "-":
         if query is None and sys.stdin.isatty():
@@ -116,6 +117,8 @@ def ask(query, as_json, verbose, **kwargs):
         raise UrialError("the query is empty")
     generation = split_generation(kwargs)
     no_cache = kwargs["no_cache"]
+    if not (no_daemon or no_cache) and ask_daemon(query, kwargs, generation, as_json, verbose):
+        return
     assistant = load_assistant(**kwargs, **generation)
     stream = assistant.stream(query, no_cache=no_cache)
     if as_json:
@@ -130,6 +133,53 @@ def ask(query, as_json, verbose, **kwargs):
         click.echo(format_stats(answer.stats.as_dict(), answer.finish_reason), err=True)
 
 
+def running_server_for(kwargs: dict):
+    """A running server for the requested model and prompt, if any."""
+    from .models import resolve_model
+    from .prompt import load_prompt, render_prefix
+    from .server import find_server, running_servers
+
+    if not running_servers():
+        return None
+    prefix = render_prefix(load_prompt(kwargs["prompt"]))
+    return find_server(resolve_model(kwargs["model"]), prefix)
+
+
+def ask_daemon(query: str, kwargs: dict, generation: dict, as_json: bool, verbose: bool) -> bool:
+    """Answer through a running server for the same model and prompt; False if there is none."""
+    import time
+
+    from .generate import GenerationOptions
+    from .server import ask_server
+
+    start = time.perf_counter()
+    info = running_server_for(kwargs) if kwargs["kv_bits"] == "none" else None
+    if info is None:
+        return False
+    options = GenerationOptions(**generation)
+    text, stats, finish = [], {}, "stop"
+    for chunk in ask_server(info, [{"role": "user", "content": query}], options):
+        choice = chunk["choices"][0]
+        piece = choice.get("delta", {}).get("content", "")
+        if piece and not text:
+            stats["client_ttft"] = time.perf_counter() - start
+        if piece:
+            text.append(piece)
+            if not as_json:
+                click.echo(piece, nl=False)
+        if choice.get("finish_reason"):
+            finish, stats = choice["finish_reason"], {**chunk.get("stats", {}), **stats}
+    stats["daemon"] = f"{info['host']}:{info['port']}"
+    if as_json:
+        click.echo(json.dumps({"text": "".join(text).strip(), "finish_reason": finish, "stats": stats},
+                              ensure_ascii=False))
+    else:
+        click.echo()
+    if verbose and "ttft" in stats:
+        click.echo(format_stats(stats, finish) + f" | via server {stats['daemon']}", err=True)
+    return True
+
+
 def format_stats(stats: dict, finish_reason: str) -> str:
     return (f"ttft {stats['ttft']:.3f}s | prefill {stats['prefill_tokens']} tok @ {stats['prefill_tps']:.1f} tok/s | "
             f"decode {stats['generation_tokens']} tok @ {stats['generation_tps']:.1f} tok/s | "
@@ -141,12 +191,20 @@ def format_stats(stats: dict, finish_reason: str) -> str:
 @generation_options
 @click.option("--session", "-s", default=None, help="Persist the conversation and its KV state under this name.")
 @click.option("--verbose", "-v", is_flag=True, help="Print stats after each answer.")
-def chat(session, verbose, **kwargs):
+@click.option("--no-daemon", is_flag=True, help="Never use a running `urial-edge serve`; chat in-process.")
+def chat(session, verbose, no_daemon, **kwargs):
     """Interactive multi-turn chat. Commands: /reset, /save [NAME], /exit."""
     generation = split_generation(kwargs)
     kwargs.pop("no_cache")
-    assistant = load_assistant(**kwargs, no_cache=False, **generation)
-    conversation = assistant.chat(session)
+    info = None if (no_daemon or session or kwargs["kv_bits"] != "none") else running_server_for(kwargs)
+    if info is not None:
+        from .generate import GenerationOptions
+        from .server import RemoteChat
+
+        conversation = RemoteChat(info, GenerationOptions(**generation))
+        click.echo(f"(using the server at {info['host']}:{info['port']})", err=True)
+    else:
+        conversation = load_assistant(**kwargs, no_cache=False, **generation).chat(session)
     if conversation.turns:
         click.echo(f"(resumed session {session!r}: {len(conversation.turns)} turns)", err=True)
     click.echo("Type a message; /reset, /save [NAME], /exit. Ctrl-C stops an answer.", err=True)
@@ -492,6 +550,40 @@ def bench(model, prompt, repeats, out):
     for key, value in result["ratios"].items():
         click.echo(f"{key:<42} {value:.2f}")
     click.echo(f"results in {out}", err=True)
+
+
+# -- serve ----------------------------------------------------------------------------
+
+
+@cli.command()
+@model_options
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", type=click.IntRange(0, 65535), default=8412, show_default=True)
+@click.option("--api-key", default=None, envvar="URIAL_EDGE_API_KEY", help="Require 'Authorization: Bearer KEY'.")
+@click.option("--kv-bits", type=click.Choice(["4", "8", "none"]), default="none", show_default=True)
+@click.option("--status", is_flag=True, help="List running servers and exit.")
+@click.option("--stop", "stop_servers", is_flag=True, help="Stop running servers and exit.")
+@click.option("--verbose", "-v", is_flag=True, help="Log each request to stderr.")
+def serve(model, prompt, host, port, api_key, kv_bits, status, stop_servers, verbose):
+    """Run a local OpenAI-compatible server with the model and prefix kept warm."""
+    import signal
+
+    from .server import check_host, running_servers, serve as run_server
+
+    if status or stop_servers:
+        servers = running_servers()
+        for info in servers:
+            click.echo(f"pid {info['pid']}  http://{info['host']}:{info['port']}  {Path(info['model']).name} / {info['prompt']}")
+            if stop_servers:
+                os.kill(info["pid"], signal.SIGTERM)
+        if not servers:
+            click.echo("no server running", err=True)
+        return
+    check_host(host, api_key)
+    assistant = load_assistant(model, prompt, kv_bits, no_cache=False)
+    run_server(assistant, host, port, api_key, verbose,
+               ready=lambda info: click.echo(f"serving {Path(info['model']).name} / {info['prompt']} on "
+                                             f"http://{info['host']}:{info['port']}/v1", err=True))
 
 
 # -- doctor ---------------------------------------------------------------------------
