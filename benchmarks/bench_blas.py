@@ -10,6 +10,7 @@ one token (1x640 @ 640x262144), and the bundled model's prefill and decode
 speed. Writes results/blas.{json,md}.
 """
 
+import urial_edge  # noqa: F401  (first: it sets up the optimised BLAS before MLX loads)
 import json
 import os
 import subprocess

@@ -7,6 +7,7 @@ All three variants are measured side by side in one process on the same prompt.
 Writes results/precision.{json,md}.
 """
 
+import urial_edge  # noqa: F401  (first: it sets up the optimised BLAS before MLX loads)
 import time
 
 from common import write_results

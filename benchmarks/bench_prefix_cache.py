@@ -9,6 +9,7 @@ K=3: file size and whether the greedy answers change. Writes
 results/prefix_cache.{json,md}.
 """
 
+import urial_edge  # noqa: F401  (first: it sets up the optimised BLAS before MLX loads)
 import argparse
 import time
 

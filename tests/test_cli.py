@@ -158,3 +158,35 @@ def test_optimised_blas_can_be_turned_off(home):
     assert out.returncode == 0
     if sys.platform.startswith("linux"):
         assert "reference BLAS" in out.stdout
+
+
+def test_validate_reports_each_problem_on_its_own_line(home, tiny_llama, tmp_path):
+    bad = tmp_path / "bad.toml"
+    bad.write_text('system = "S"\n[[examples]]\nquery = "q"\nanswer = "a"\n'
+                   '[[examples]]\nquery = "q"\nanswer = "```\\nx"\n')
+    result = run("prompts", "validate", str(bad), "--model", str(tiny_llama))
+    assert result.exit_code == 1
+    problems = result.stdout.strip().splitlines()
+    assert len(problems) == 2 and "repeats" in problems[0] and "fence" in problems[1]
+    good = tmp_path / "good.toml"
+    good.write_text(PROMPT)
+    assert run("prompts", "validate", str(good), "--model", str(tiny_llama)).exit_code == 0
+
+
+def test_prompt_longer_than_the_context(home, tiny_llama):
+    # the byte-level tiny tokenizer makes urial-k8 far longer than the tiny model's 2048 tokens
+    result = run("ask", "--model", str(tiny_llama), "--prompt", "urial-k8", "hi")
+    assert_one_line_error(result, 1, "longer than the model's context of 2048")
+    result = run("prompts", "validate", "urial-k8", "--model", str(tiny_llama))
+    assert result.exit_code == 1 and "longer than the model's context" in result.stdout
+
+
+def test_subprocess_batch(args, home, tmp_path):
+    infile, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    infile.write_text('{"id": 1, "query": "Hi?"}\n{"id": 2, "query": "Bye?"}\n')
+    env = {**os.environ, "URIAL_EDGE_HOME": str(home)}
+    proc = subprocess.run([sys.executable, "-m", "urial_edge.cli", "batch", str(infile), "-o", str(out), *args],
+                          capture_output=True, text=True, env=env)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout == "" and "2 answered" in proc.stderr
+    assert [json.loads(x)["id"] for x in out.read_text().splitlines()] == [1, 2]

@@ -177,3 +177,19 @@ def test_clear_by_size_and_age(home, tmp_path):
     assert len(prefix_cache.clear_caches(max_size=size + 1)) == 1
     assert len(prefix_cache.clear_caches()) == 1
     assert not list((home / "cache").glob("*.safetensors"))
+
+
+def test_interrupted_build_leaves_nothing_and_next_run_works(home, tiny_llama, monkeypatch):
+    real_save = prefix_cache.mlx_cache.save_prompt_cache
+
+    def interrupted(path, *args, **kwargs):
+        with open(path, "wb") as f:
+            f.write(b"half")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(prefix_cache.mlx_cache, "save_prompt_cache", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        setup(tiny_llama)
+    assert not [p for p in (home / "cache").iterdir() if p.suffix != ".lock"]
+    monkeypatch.setattr(prefix_cache.mlx_cache, "save_prompt_cache", real_save)
+    assert not setup(tiny_llama)[3].hit and setup(tiny_llama)[3].hit

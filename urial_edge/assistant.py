@@ -20,6 +20,7 @@ from . import prompt as urial
 from .generate import GenerationOptions, Stats, StopMatcher, Timer, generate_tokens, prefill
 from .models import load_model, model_fingerprint, resolve_model
 from .prefix_cache import PrefixCache, copy_cache, load_or_build, make_cache
+from .startup import warn_if_slow_blas
 from .store import Progress, UrialError, atomic_dir, sessions_dir, stderr_progress
 from .tokenizer import StreamingDecoder, Tokenizer
 
@@ -108,6 +109,7 @@ class Assistant:
         Generation options: ``max_tokens``, ``temperature``, ``top_p``,
         ``repetition_penalty``, ``seed``, ``stop``.
         """
+        warn_if_slow_blas()
         options = GenerationOptions(**generation_options)
         loaded_prompt = urial.load_prompt(prompt)
         path = resolve_model(model)
@@ -150,16 +152,20 @@ class Assistant:
         return query.strip()
 
     def _generate(self, cache: list, history: List[int], new_ids: List[int], options: GenerationOptions,
-                  stats: Stats, run: _Run, start: float) -> Iterator[str]:
-        """Feed ``new_ids`` on top of ``cache`` (which holds ``history``) and stream the answer text."""
+                  stats: Stats, run: _Run, start: float, framed: bool = True) -> Iterator[str]:
+        """Feed ``new_ids`` on top of ``cache`` (which holds ``history``) and stream the answer text.
+
+        ``framed``: the text is a URIAL answer block (stop at its end, trim it); otherwise a raw
+        continuation that stops only at EOS, ``options.stop`` or the token limit.
+        """
         left = self._check_fits(len(history), len(new_ids))
         options = replace(options, max_tokens=min(options.max_tokens, left))
-        stats.prefill_tokens = len(new_ids)
+        stats.prefill_tokens = stats.prefill_tokens or len(new_ids)
         stats.prompt_tokens = len(history) + len(new_ids)
         timer = Timer(stats, start)
         decoder = StreamingDecoder(self.tokenizer)
-        matcher = StopMatcher(urial.STOP_STRINGS + tuple(options.stop))
-        emitted_start = True
+        matcher = StopMatcher((urial.STOP_STRINGS if framed else ()) + tuple(options.stop))
+        emitted_start = framed
         for token in generate_tokens(self.model, new_ids, cache, history, options):
             timer.token()
             run.token_ids.append(token)
@@ -182,7 +188,8 @@ class Assistant:
                 run.finish_reason = "stop"
                 break
         else:
-            tail = matcher.flush().rstrip()
+            tail = matcher.flush()
+            tail = tail.rstrip() if framed else tail
             if tail:
                 yield tail
         if len(run.token_ids) == options.max_tokens:

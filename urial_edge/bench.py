@@ -106,10 +106,49 @@ def run_suite(model: str = None, prompt: str = None, repeats: int = 3, out: Path
         "in-process ttft, cached": min(bot.ask(QUERY).stats.ttft for _ in range(repeats)),
         "in-process ttft, full prefill": min(bot.ask(QUERY, no_cache=True).stats.ttft for _ in range(repeats)),
     }
+    warm.update(server_latency(bot, spec, repeats))
     decode = decode_speeds(bot, decode_tokens)
     result = summarise(rows, warm, decode)
     write(result, out)
     return result
+
+
+def server_latency(bot, spec: List[str], repeats: int) -> dict:
+    """Time to first token through a warm ``urial-edge serve`` vs prefilling the query alone."""
+    import re
+
+    from .generate import GenerationOptions, prefill
+    from .prompt import render_turn
+    from .server import ask_server
+
+    queries = [f"{QUERY} (variant {i})" for i in range(repeats)]
+    prefill_s = []
+    for q in queries:
+        ids = bot.tokenizer.encode(render_turn(q))
+        cache = bot.prefix.fresh()
+        start = time.perf_counter()
+        prefill(bot.model, ids, cache)
+        prefill_s.append(time.perf_counter() - start)
+    proc = subprocess.Popen([sys.executable, "-m", "urial_edge.cli", "serve", *spec, "--port", "0"],
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        line = ""
+        while "http://" not in line:
+            line = proc.stderr.readline()
+            if not line and proc.poll() is not None:
+                raise RuntimeError("the server did not start")
+        host, port = re.search(r"http://([\d.]+):(\d+)", line).groups()
+        info, options = {"host": host, "port": int(port)}, GenerationOptions(max_tokens=1)
+        list(ask_server(info, [{"role": "user", "content": "warm up"}], options))
+        ttft = []
+        for q in queries:
+            start = time.perf_counter()
+            next(c for c in ask_server(info, [{"role": "user", "content": q}], options) if c["choices"])
+            ttft.append(time.perf_counter() - start)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=60)
+    return {"server ttft (warm, over HTTP)": min(ttft), "query prefill alone": min(prefill_s)}
 
 
 def decode_speeds(bot, n: int) -> dict:
@@ -144,6 +183,8 @@ def summarise(rows: dict, warm: dict, decode: dict) -> dict:
         "cached ask / no-cache ask": cached / rows["urial-edge ask --no-cache (cold process)"]["wall_s"],
         "in-process ttft speedup (full / cached)": warm["in-process ttft, full prefill"] / warm["in-process ttft, cached"],
         "decode urial-edge / mlx-lm": decode["urial-edge decode tok/s"] / decode["mlx-lm stream_generate decode tok/s"],
+        "server ttft / query prefill alone": warm["server ttft (warm, over HTTP)"] / warm["query prefill alone"],
+        "server ttft / cold cached ask": warm["server ttft (warm, over HTTP)"] / cached,
     }
     import platform
 

@@ -47,12 +47,14 @@ class Group(click.Group):
                  "(set URIAL_EDGE_DEBUG=1 for a traceback)")
 
 
+model_option = click.option("--model", "-m", default=None, metavar="MODEL",
+                            help="Registry name, MLX model directory, .gguf file or HF repo id.")
+
+
 def model_options(f):
     f = click.option("--prompt", "-p", default=None, metavar="NAME_OR_PATH",
                      help="URIAL prompt: a shipped name (urial-k3 default) or a file.")(f)
-    f = click.option("--model", "-m", default=None, metavar="MODEL",
-                     help="Registry name, MLX model directory, .gguf file or HF repo id.")(f)
-    return f
+    return model_option(f)
 
 
 def generation_options(f):
@@ -434,8 +436,8 @@ def prompts_show(name, rendered):
 
 @prompts.command("tokens")
 @click.argument("name")
-@model_options
-def prompts_tokens(name, model, prompt):
+@model_option
+def prompts_tokens(name, model):
     """Count the prefix tokens of prompt NAME with a model's tokenizer."""
     from .models import resolve_model
     from .prompt import load_prompt, render_prefix
@@ -448,8 +450,8 @@ def prompts_tokens(name, model, prompt):
 
 @prompts.command("validate")
 @click.argument("path")
-@model_options
-def prompts_validate(path, model, prompt):
+@model_option
+def prompts_validate(path, model):
     """Check a prompt file: format, empty or repeated examples, length and token boundary."""
     from .models import read_config, resolve_model
     from .prompt import boundary_problems, check, load_prompt, render_prefix

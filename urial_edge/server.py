@@ -145,7 +145,7 @@ class Engine:
         self.states.put(prefix.tokens, prefix.state)
         start_len, state = self.states.longest_prefix(ids)
         cache = copy_cache(state)
-        stats = Stats(cache_hit=True, cached_tokens=start_len)
+        stats = Stats(cache_hit=True, cached_tokens=start_len, prefill_tokens=len(ids) - start_len)
         if len(ids) - start_len > 1:  # prefill all but the last token, then remember that state
             prefill(a.model, ids[start_len:-1], cache)
             self.states.put(ids[:-1], copy_cache(cache))
@@ -157,9 +157,8 @@ class Engine:
     def complete(self, text: str, options, cancelled):
         """Raw continuation of ``text`` (no URIAL frame), reusing any stored state it extends."""
         from .assistant import AnswerStream, _Run
-        from .generate import Stats, StopMatcher, Timer, generate_tokens
+        from .generate import Stats
         from .prefix_cache import copy_cache, make_cache
-        from .tokenizer import StreamingDecoder
 
         a = self.assistant
         start = time.perf_counter()
@@ -167,30 +166,9 @@ class Engine:
         a._check_fits(0, len(ids))
         n, state = self.states.longest_prefix(ids)
         cache = copy_cache(state) if state is not None else make_cache(a.model, a.kv_bits)
-        stats = Stats(cache_hit=state is not None, cached_tokens=n, prefill_tokens=len(ids) - n,
-                      prompt_tokens=len(ids))
-        run = _Run()
-        options = replace(options, max_tokens=min(options.max_tokens, a.context_length - len(ids)))
-
-        def pieces() -> Iterator[str]:
-            timer, decoder, matcher = Timer(stats, start), StreamingDecoder(a.tokenizer), StopMatcher(options.stop)
-            for token in generate_tokens(a.model, ids[n:], cache, ids[:n], options):
-                timer.token()
-                run.token_ids.append(token)
-                if token in a.tokenizer.eos_ids:
-                    run.finish_reason = "stop"
-                    break
-                out = matcher.feed(decoder.add(token))
-                if out:
-                    yield out
-                if matcher.stopped:
-                    run.finish_reason = "stop"
-                    break
-            else:
-                yield matcher.flush()
-            timer.finish()
-
-        return AnswerStream(_until(pieces(), cancelled), stats, run)
+        stats, run = Stats(cache_hit=state is not None, cached_tokens=n), _Run()
+        pieces = a._generate(cache, ids[:n], ids[n:], options, stats, run, start, framed=False)
+        return AnswerStream(_until(pieces, cancelled), stats, run)
 
 
 def _until(pieces: Iterator[str], cancelled) -> Iterator[str]:

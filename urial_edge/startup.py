@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import List, Optional
 
 _BLAS: Optional[str] = None
+_WARNED = False
 SYSTEM_OPENBLAS = [
     "/usr/lib/x86_64-linux-gnu/openblas-pthread/libopenblas.so.0",
     "/usr/lib/aarch64-linux-gnu/openblas-pthread/libopenblas.so.0",
@@ -92,6 +93,18 @@ def blas_in_use() -> str:
             if "openblas" in line or "libmkl" in line:
                 return Path(line.split()[-1]).name
     return "reference BLAS bundled with mlx[cpu] (slow)"
+
+
+def warn_if_slow_blas() -> None:
+    """Say so once if MLX was imported before urial_edge and kept the slow reference BLAS."""
+    global _WARNED
+    if _WARNED or not sys.platform.startswith("linux") or _BLAS or not blas_candidates():
+        return
+    if os.environ.get("URIAL_EDGE_BLAS", "auto").lower() in ("off", "stock", "0", "none"):
+        return
+    _WARNED = True
+    sys.stderr.write("warning: mlx was imported before urial_edge, so matmuls use the slow reference BLAS; "
+                     "import urial_edge first\n")
 
 
 def prepare() -> None:
