@@ -91,7 +91,7 @@ class Assistant:
         self.context_length = int(config.get("max_position_embeddings") or 4096)
         self.model_id = model_fingerprint(model_path)
         self.prefix_text = urial.render_prefix(prompt)
-        self.prefix_ids = tokenizer.encode(self.prefix_text, bos=True)
+        self.prefix_ids = tokenizer.encode(self.prefix_text, bos=True, remember=True)
         if len(self.prefix_ids) >= self.context_length:
             raise UrialError(
                 f"prompt {prompt.name!r} is {len(self.prefix_ids)} tokens, longer than the model's "

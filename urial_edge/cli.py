@@ -139,10 +139,12 @@ def running_server_for(kwargs: dict):
     """A running server for the requested model and prompt, if any."""
     from .models import resolve_model
     from .prompt import load_prompt, render_prefix
-    from .server import find_server, running_servers
+    from .store import servers_dir
 
-    if not running_servers():
+    if not any(servers_dir().glob("*.json")):  # cheap check before importing the server module
         return None
+    from .server import find_server
+
     prefix = render_prefix(load_prompt(kwargs["prompt"]))
     return find_server(resolve_model(kwargs["model"]), prefix)
 
@@ -151,13 +153,13 @@ def ask_daemon(query: str, kwargs: dict, generation: dict, as_json: bool, verbos
     """Answer through a running server for the same model and prompt; False if there is none."""
     import time
 
-    from .generate import GenerationOptions
-    from .server import ask_server
-
     start = time.perf_counter()
     info = running_server_for(kwargs) if kwargs["kv_bits"] == "none" else None
     if info is None:
         return False
+    from .generate import GenerationOptions
+    from .server import ask_server
+
     options = GenerationOptions(**generation)
     text, stats, finish = [], {}, "stop"
     for chunk in ask_server(info, [{"role": "user", "content": query}], options):

@@ -277,7 +277,7 @@ def load_model(path: Path):
     except ValueError as e:
         raise UrialError(f"weights in {path} do not match the model: {one_line(e)}") from None
     model.eval()
-    mx.eval(model.parameters())
+    mx.async_eval(model.parameters())  # weights load in the background while tokenizing
     return model, config
 
 

@@ -106,6 +106,7 @@ def check_fits(cache: list, model, kv_bits: Optional[int], n_tokens: int) -> Opt
         return f"{len(cache)} layers in the file, {len(expected)} in the model"
     probe = model.layers[0].self_attn if hasattr(model.layers[0], "self_attn") else None
     n_kv = getattr(probe, "n_kv_heads", None)
+    dtype = model_dtype(model)
     for i, (c, e) in enumerate(zip(cache, expected)):
         if type(c) is not type(e):
             return f"layer {i} is {type(c).__name__}, the model needs {type(e).__name__}"
@@ -114,8 +115,8 @@ def check_fits(cache: list, model, kv_bits: Optional[int], n_tokens: int) -> Opt
         keys = c.keys[0] if isinstance(c.keys, (tuple, list)) else c.keys
         if keys is None or keys.ndim != 4 or keys.shape[0] != 1 or (n_kv and keys.shape[1] != n_kv):
             return f"layer {i} has keys of shape {None if keys is None else keys.shape}"
-        if not isinstance(c.keys, (tuple, list)) and keys.dtype != model_dtype(model):
-            return f"layer {i} stores {keys.dtype}, the model computes in {model_dtype(model)}"
+        if not isinstance(c.keys, (tuple, list)) and keys.dtype != dtype:
+            return f"layer {i} stores {keys.dtype}, the model computes in {dtype}"
     return None
 
 

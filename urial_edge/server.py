@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 from . import prompt as urial
-from .store import UrialError, home, write_text_atomic
+from .store import UrialError, servers_dir, write_text_atomic
 
 DEFAULT_PORT = 8412
 MAX_BODY = 1 << 20
@@ -386,10 +386,6 @@ class Handler(BaseHTTPRequestHandler):
 
 
 # -- running and finding servers -------------------------------------------------------------
-
-
-def servers_dir() -> Path:
-    return home() / "servers"
 
 
 def server_key(model_path: Path, prefix_text: str) -> str:

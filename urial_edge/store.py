@@ -5,6 +5,8 @@ Layout under ``$URIAL_EDGE_HOME`` (default ``~/.cache/urial-edge``)::
     models/<name>/      MLX model directories (config, safetensors, tokenizer)
     cache/<key>.safetensors   prefix KV caches, named by their content key
     sessions/<name>/    saved chat sessions
+    servers/<key>.json  records of running ``urial-edge serve`` processes
+    tokenizers/         vocabulary indexes and remembered prefix token ids
 """
 
 import contextlib
@@ -41,6 +43,10 @@ def cache_dir() -> Path:
 
 def sessions_dir() -> Path:
     return home() / "sessions"
+
+
+def servers_dir() -> Path:
+    return home() / "servers"
 
 
 def describe_os_error(e: OSError, path: Path) -> str:

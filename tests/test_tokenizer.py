@@ -1,0 +1,142 @@
+"""The lazily built tokenizer gives exactly the ids and text of the full `tokenizers` one."""
+
+import json
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, given, settings, strategies as st
+
+from urial_edge.tokenizer import Tokenizer, index_dir, load_index
+
+CORPUS = [
+    "The quick brown fox jumps over the lazy dog. " * 3,
+    "def add(a, b):\n    return a + b\n\n# Query:\n```\nprint(add(1, 2))\n```",
+    "Café, naïve, façade; Straße; Ελληνικά; русский текст; 日本語のテキスト; 🙂🚀",
+    "   spaces   and\ttabs\t\tand\n\n\nnewlines  ",
+    "<eos> in the middle, <bos><bos> twice, and <start_of_turn>user",
+]
+SPECIAL = ["<pad>", "<eos>", "<bos>", "<start_of_turn>"]
+STRINGS = CORPUS + ["", " ", "a", "\n", "<eos>", "ünïcödé ß", "x" * 300, "🙂", "\x00\x01\u200b", "<0x41>"]
+
+
+def train(path: Path, kind: str) -> Path:
+    """Train a small real BPE (with merges and added tokens) in the style of Gemma or of GPT-2."""
+    from tokenizers import AddedToken, Tokenizer as HFTokenizer, decoders, models, normalizers, pre_tokenizers
+    from tokenizers.trainers import BpeTrainer
+
+    path.mkdir(parents=True, exist_ok=True)
+    if kind == "sentencepiece":  # spaces become ▁, unknown characters fall back to byte tokens
+        tok = HFTokenizer(models.BPE(byte_fallback=True, unk_token="<unk>", fuse_unk=True))
+        tok.normalizer = normalizers.Replace(" ", "▁")
+        tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()])
+        initial = [f"<0x{b:02X}>" for b in range(256)]
+        special = ["<unk>"] + SPECIAL
+    else:  # byte-level, with the GPT-2 split regex
+        tok = HFTokenizer(models.BPE())
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tok.decoder = decoders.ByteLevel()
+        initial = pre_tokenizers.ByteLevel.alphabet()
+        special = SPECIAL
+    trainer = BpeTrainer(vocab_size=700, special_tokens=special + initial, show_progress=False)
+    tok.train_from_iterator(CORPUS * 20 + ["hello world, tokens and merges"] * 5, trainer)
+    tok.add_tokens([AddedToken("\n\n", normalized=False), AddedToken("    ", normalized=False)])
+    tok.save(str(path / "tokenizer.json"))
+    (path / "tokenizer_config.json").write_text(json.dumps({"bos_token": "<bos>", "eos_token": "<eos>",
+                                                             "add_bos_token": True}))
+    return path
+
+
+@pytest.fixture(scope="module", params=["sentencepiece", "bytelevel"])
+def pair(request, tmp_path_factory):
+    """(full, lazy): the first load indexes the vocabulary, the second builds from the index."""
+    import os
+
+    home = tmp_path_factory.mktemp("tokhome")
+    old = os.environ.get("URIAL_EDGE_HOME")
+    os.environ["URIAL_EDGE_HOME"] = str(home)
+    model = train(tmp_path_factory.mktemp("tok") / request.param, request.param)
+    full, lazy = Tokenizer(model), Tokenizer(model)
+    yield full, lazy
+    if old is None:
+        del os.environ["URIAL_EDGE_HOME"]
+    else:
+        os.environ["URIAL_EDGE_HOME"] = old
+
+
+def test_first_load_indexes_later_loads_are_lazy(pair):
+    full, lazy = pair
+    assert full._full is not None and lazy._full is None and lazy._lazy is not None
+    assert (lazy.bos_id, lazy.add_bos, lazy.eos_ids, lazy.vocab_size, lazy.fingerprint) == \
+        (full.bos_id, full.add_bos, full.eos_ids, full.vocab_size, full.fingerprint)
+    assert len(json.loads(full._full.to_str())["model"]["merges"]) > 100  # a real BPE, with merges
+
+
+@pytest.mark.parametrize("text", STRINGS)
+def test_same_ids_and_text_on_fixed_strings(pair, text):
+    full, lazy = pair
+    ids = full.encode(text, bos=True)
+    assert lazy.encode(text, bos=True) == ids
+    assert lazy.decode(ids) == full.decode(ids)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.lists(st.one_of(st.text(max_size=20), st.sampled_from(SPECIAL + ["\n\n", "    ", "▁", " the "])),
+                max_size=8))
+def test_same_ids_for_any_text(pair, parts):
+    full, lazy = pair
+    text = "".join(parts)
+    assert lazy.encode(text) == full.encode(text)
+
+
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.lists(st.integers(min_value=0, max_value=800), max_size=30))
+def test_same_text_for_any_ids(pair, ids):
+    full, lazy = pair
+    assert lazy.decode(ids) == full.decode(ids)
+
+
+def test_damaged_index_is_rebuilt(tmp_path, home):
+    model = train(tmp_path / "tok", "sentencepiece")
+    expected = Tokenizer(model).encode(CORPUS[2])
+    index = next(index_dir().glob("*.npz"))
+    data = bytearray(index.read_bytes())
+    data[len(data) // 2] ^= 0x10
+    index.write_bytes(bytes(data))
+    assert load_index(index) is None
+    again = Tokenizer(model)  # falls back to the full tokenizer and rewrites the index
+    assert again._full is not None and again.encode(CORPUS[2]) == expected
+    assert load_index(index) is not None and Tokenizer(model).encode(CORPUS[2]) == expected
+
+
+def test_remembered_ids_are_checked(tmp_path, home):
+    model = train(tmp_path / "tok", "bytelevel")
+    text = CORPUS[1]
+    expected = Tokenizer(model).encode(text, bos=True)
+    assert Tokenizer(model).encode(text, bos=True, remember=True) == expected
+    memo = next(index_dir().glob("*.json"))
+    record = json.loads(memo.read_text())
+    assert record["ids"] == expected[1:]
+    record["ids"][0] += 1  # tampered ids fail their checksum and are recomputed
+    memo.write_text(json.dumps(record))
+    assert Tokenizer(model).encode(text, bos=True, remember=True) == expected
+    memo.write_text("{not json")
+    assert Tokenizer(model).encode(text, bos=True, remember=True) == expected
+
+
+@pytest.mark.slow
+def test_bundled_lazy_tokenizer_is_exact(bundled):
+    """Gemma's 262k vocabulary: the lazy path matches the full tokenizer on prompts and varied text."""
+    from urial_edge.prompt import load_prompt, render_prefix
+    from urial_edge.tokenizer import _build_full
+
+    raw = (bundled / "tokenizer.json").read_bytes()
+    full = _build_full(raw, bundled)
+    Tokenizer(bundled)  # make sure the index exists
+    lazy = Tokenizer(bundled)
+    assert lazy._lazy is not None
+    data = json.loads((Path(__file__).parent / "data" / "gemma3_token_ids.json").read_text())
+    texts = STRINGS + data["strings"] + [render_prefix(load_prompt(n)) for n in ("urial-k0", "urial-k3", "urial-k8")]
+    for text in texts:
+        ids = full.encode(text, add_special_tokens=False).ids
+        assert lazy.encode(text) == ids, text[:60]
+        assert lazy.decode(ids) == full.decode(ids, skip_special_tokens=True)
