@@ -277,7 +277,7 @@ def load_model(path: Path):
     except ValueError as e:
         raise UrialError(f"weights in {path} do not match the model: {one_line(e)}") from None
     model.eval()
-    mx.async_eval(model.parameters())  # weights load in the background while tokenizing
+    mx.eval(model.parameters())
     return model, config
 
 

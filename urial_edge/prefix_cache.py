@@ -58,9 +58,9 @@ def copy_cache(cache: list) -> list:
 
 
 def library_versions() -> dict:
-    from importlib.metadata import version
+    from mlx_lm._version import __version__ as mlx_lm_version  # not mlx_lm itself: see startup.light_mlx_lm
 
-    return {"mlx": version("mlx"), "mlx_lm": version("mlx-lm")}
+    return {"mlx": mx.__version__, "mlx_lm": mlx_lm_version}
 
 
 def cache_key(model_id: str, tokenizer_id: str, tokens: List[int], kv_bits: Optional[int]) -> str:

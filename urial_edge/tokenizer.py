@@ -14,7 +14,9 @@ the original ones and are checked against the full tokenizer in the tests.
 """
 
 import array
+import functools
 import hashlib
+import itertools
 import json
 import re
 import zipfile
@@ -25,10 +27,13 @@ import mlx.core as mx
 
 from .store import UrialError, atomic_file, home, write_text_atomic
 
-INDEX_VERSION = 5
+INDEX_VERSION = 7
 BPE_OPTIONS = ("unk_token", "continuing_subword_prefix", "end_of_word_suffix", "fuse_unk", "byte_fallback",
                "ignore_merges")
 BYTE_TOKEN = re.compile(r"<0x[0-9A-Fa-f]{2}>")
+COMMON_CHARS = 62  # characters with a bit of their own in each token's mask; the rest share RARE_BIT
+RARE_BIT = 1 << 62
+ALL_COMMON = RARE_BIT - 1
 
 
 def _token_text(value) -> Optional[str]:
@@ -180,24 +185,39 @@ def _vocab_arrays(spec: dict) -> Optional[dict]:
                 or t.get("rstrip"):
             return None
         tokens.append(t["content"])
-    alphabet: dict = {}
-    char_ids, char_ends = [], [0]
+    counts: dict = {}
     for token in tokens:
-        char_ids.extend(sorted({alphabet.setdefault(ch, len(alphabet)) for ch in token}))
-        char_ends.append(len(char_ids))
-    sep = next(chr(c) for c in range(0xE000, 0x110000) if chr(c) not in alphabet)
+        for ch in set(token):
+            counts[ch] = counts.get(ch, 0) + 1
+    common = sorted(counts, key=lambda ch: -counts[ch])[:COMMON_CHARS]
+    bit = {ch: 1 << i for i, ch in enumerate(common)}
+    masks, rare = [], {}
+    for i, token in enumerate(tokens):
+        mask = 0
+        for ch in set(token):
+            if ch in bit:
+                mask |= bit[ch]
+            else:
+                mask |= RARE_BIT
+                rare.setdefault(ch, []).append(i)
+        masks.append(mask)
+    sep = next(chr(c) for c in range(0xE000, 0x110000) if chr(c) not in counts)
     always = [i for i, t in enumerate(tokens)
               if (model.get("byte_fallback") and BYTE_TOKEN.fullmatch(t)) or t == model.get("unk_token")]
+    rare_chars = sorted(rare)
     return {
         "tokens": _text_array(sep.join(tokens)),
         "separator": _text_array(sep),
-        "alphabet": _text_array("".join(alphabet)),
         "always": _int_array(always),
         "bpe_size": _int_array([len(vocab)]),
-        "char_ids": _int_array(char_ids),
-        "char_ends": _int_array(char_ends),
+        "common_chars": _text_array("".join(common)),
+        "masks": mx.array(array.array("q", masks)),
+        "rare_chars": _text_array("".join(rare_chars)),
+        "rare_ids": _int_array([i for ch in rare_chars for i in rare[ch]]),
+        "rare_ends": _int_array(list(itertools.accumulate(len(rare[ch]) for ch in rare_chars))),
         "merge_left": _int_array([vocab[a] for a, _ in pairs]),
         "merge_right": _int_array([vocab[b] for _, b in pairs]),
+        "merge_result": _int_array([vocab.get(a + b, len(tokens)) for a, b in pairs]),
     }
 
 
@@ -211,6 +231,12 @@ def _array_text(a) -> str:
 
 def _int_array(values: list):
     return mx.array(array.array("i", values))
+
+
+@functools.lru_cache(maxsize=None)
+def _stream():
+    """A CPU stream of its own, so tokenizer work need not wait behind weights loading on the default one."""
+    return mx.new_stream(mx.cpu)
 
 
 def _nonzero(mask):
@@ -240,7 +266,7 @@ def load_index(path: Path) -> Optional[dict]:
     The file is a zip (``.npz``) whose members carry CRC-32s, checked as they are read.
     """
     try:
-        index = mx.load(str(path))
+        index = mx.load(str(path), stream=_stream())
         mx.eval(index)
         meta = json.loads(bytes(memoryview(index.pop("meta"))))
     except (OSError, ValueError, RuntimeError, KeyError, zipfile.BadZipFile):
@@ -256,9 +282,12 @@ class LazyBPE:
 
         meta = index["meta"]
         self.tokens = _array_text(index["tokens"]).split(_array_text(index["separator"]))
-        self.alphabet = {ch: i for i, ch in enumerate(_array_text(index["alphabet"]))}
-        self.char_ids, self.char_ends = index["char_ids"], index["char_ends"]
-        self.left, self.right = index["merge_left"], index["merge_right"]
+        self.common = {ch: 1 << i for i, ch in enumerate(_array_text(index["common_chars"]))}
+        self.masks = index["masks"]
+        ends = index["rare_ends"].tolist()
+        self.rare = dict(zip(_array_text(index["rare_chars"]), zip([0] + ends[:-1], ends)))
+        self.rare_ids = index["rare_ids"]
+        self.left, self.right, self.result = index["merge_left"], index["merge_right"], index["merge_result"]
         self.always, self.bpe_size = index["always"], index["bpe_size"].item()
         self.bpe = meta["bpe"]
         self.added = meta["rest"].get("added_tokens") or []
@@ -289,28 +318,32 @@ class LazyBPE:
         return self.current
 
     def kept(self):
-        """Ids of the tokens and ranks of the merges that can occur in text made of ``self.chars``."""
-        allowed = mx.zeros(len(self.alphabet), dtype=mx.bool_)
-        ids = [self.alphabet[ch] for ch in self.chars if ch in self.alphabet]
-        if ids:
-            allowed[mx.array(ids)] = True
-        outside = mx.cumsum(mx.logical_not(allowed[self.char_ids]).astype(mx.int32))
-        outside = mx.concatenate([mx.zeros(1, dtype=mx.int32), outside])
-        keep = outside[self.char_ends[1:]] == outside[self.char_ends[:-1]]
+        """Ids of the tokens, and the merges (left and right ids), that can occur in text of ``self.chars``."""
+        with mx.stream(_stream()):
+            return self._kept()
+
+    def _kept(self):
+        outside = RARE_BIT | (ALL_COMMON & ~sum(self.common.get(ch, 0) for ch in self.chars))
+        keep = (self.masks & mx.array(outside, dtype=mx.int64)) == 0  # only common characters of the text
         keep = keep & (mx.arange(keep.size) < self.bpe_size)  # added tokens only when in the text
+        spans = [self.rare[ch] for ch in self.chars if ch in self.rare]
+        candidates = set(mx.concatenate([self.rare_ids[a:b] for a, b in spans]).tolist()) if spans else ()
         forced = self.always.tolist() + [t["id"] for t in self.added_in]
+        forced += [i for i in candidates if i < self.bpe_size and set(self.tokens[i]) <= self.chars]
         if forced:
             keep[mx.array(forced)] = True
-        return _nonzero(keep), _nonzero(keep[self.left] & keep[self.right])
+        keep = mx.concatenate([keep, mx.array([False])])  # the last index: a merge result that is no token
+        ranks = _nonzero(keep[self.left] & keep[self.right] & keep[self.result])
+        return _nonzero(keep).tolist(), self.left[ranks].tolist(), self.right[ranks].tolist()
 
     def build(self):
         from tokenizers import AddedToken, Tokenizer as _Tokenizer
         from tokenizers.models import BPE
 
-        ids, ranks = self.kept()
+        ids, left, right = self.kept()
         tokens = self.tokens
-        vocab = {tokens[i]: i for i in ids.tolist()}
-        merges = [(tokens[a], tokens[b]) for a, b in zip(self.left[ranks].tolist(), self.right[ranks].tolist())]
+        vocab = dict(zip(map(tokens.__getitem__, ids), ids))
+        merges = list(zip(map(tokens.__getitem__, left), map(tokens.__getitem__, right)))
         tok = _Tokenizer(BPE(vocab=vocab, merges=merges, **{k: v for k, v in self.bpe.items() if v is not None}))
         for part in ("normalizer", "pre_tokenizer", "decoder"):
             if getattr(self.base, part) is not None:
