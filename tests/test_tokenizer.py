@@ -140,3 +140,16 @@ def test_bundled_lazy_tokenizer_is_exact(bundled):
         ids = full.encode(text, add_special_tokens=False).ids
         assert lazy.encode(text) == ids, text[:60]
         assert lazy.decode(ids) == full.decode(ids, skip_special_tokens=True)
+
+
+def test_lazy_tokenizer_works_from_another_thread(pair):
+    """The server tokenizes on its model thread; MLX streams are per thread."""
+    import threading
+
+    full, lazy = pair
+    text = "A fresh text with new characters: ÆØÅ §§ {braces}"
+    out = {}
+    worker = threading.Thread(target=lambda: out.update(ids=lazy.encode(text), text=lazy.decode(full.encode(text))))
+    worker.start()
+    worker.join()
+    assert out["ids"] == full.encode(text) and out["text"] == full.decode(full.encode(text))

@@ -179,6 +179,7 @@ def decode_speeds(bot, n: int) -> dict:
 
 
 def summarise(rows: dict, warm: dict, decode: dict) -> dict:
+    from .prefix_cache import library_versions
     from .startup import blas_in_use
 
     cold = {name: {k: v for k, v in row.items() if k != "stdout"} for name, row in rows.items()}
@@ -195,7 +196,7 @@ def summarise(rows: dict, warm: dict, decode: dict) -> dict:
     import platform
 
     machine = {"platform": platform.platform(), "cpus": os.cpu_count(), "python": platform.python_version(),
-               "blas": blas_in_use(), "date": time.strftime("%Y-%m-%d %H:%M:%S")}
+               **library_versions(), "blas": blas_in_use(), "date": time.strftime("%Y-%m-%d %H:%M:%S")}
     return {"machine": machine, "cold": cold, "warm": warm, "decode": decode, "ratios": ratios}
 
 

@@ -14,7 +14,6 @@ the original ones and are checked against the full tokenizer in the tests.
 """
 
 import array
-import functools
 import hashlib
 import itertools
 import json
@@ -233,12 +232,6 @@ def _int_array(values: list):
     return mx.array(array.array("i", values))
 
 
-@functools.lru_cache(maxsize=None)
-def _stream():
-    """A CPU stream of its own, so tokenizer work need not wait behind weights loading on the default one."""
-    return mx.new_stream(mx.cpu)
-
-
 def _nonzero(mask):
     """Indexes of the true entries of a 1-D bool array, in order (MLX has no ``nonzero``)."""
     n = mask.size
@@ -266,7 +259,7 @@ def load_index(path: Path) -> Optional[dict]:
     The file is a zip (``.npz``) whose members carry CRC-32s, checked as they are read.
     """
     try:
-        index = mx.load(str(path), stream=_stream())
+        index = mx.load(str(path))
         mx.eval(index)
         meta = json.loads(bytes(memoryview(index.pop("meta"))))
     except (OSError, ValueError, RuntimeError, KeyError, zipfile.BadZipFile):
@@ -319,10 +312,6 @@ class LazyBPE:
 
     def kept(self):
         """Ids of the tokens, and the merges (left and right ids), that can occur in text of ``self.chars``."""
-        with mx.stream(_stream()):
-            return self._kept()
-
-    def _kept(self):
         outside = RARE_BIT | (ALL_COMMON & ~sum(self.common.get(ch, 0) for ch in self.chars))
         keep = (self.masks & mx.array(outside, dtype=mx.int64)) == 0  # only common characters of the text
         keep = keep & (mx.arange(keep.size) < self.bpe_size)  # added tokens only when in the text
