@@ -153,3 +153,14 @@ def test_lazy_tokenizer_works_from_another_thread(pair):
     worker.start()
     worker.join()
     assert out["ids"] == full.encode(text) and out["text"] == full.decode(full.encode(text))
+
+
+def test_load_full_keeps_ids(pair, tmp_path):
+    full, lazy = pair
+    import copy
+
+    switched = copy.copy(lazy)
+    switched.load_full()
+    assert switched._full is not None and switched._lazy is None
+    for text in STRINGS:
+        assert switched.encode(text) == full.encode(text)

@@ -402,6 +402,7 @@ def serve(assistant, host: str = "127.0.0.1", port: int = DEFAULT_PORT, api_key:
     """Run the server until SIGTERM/SIGINT; writes and removes its discovery record."""
     check_host(host, api_key)
     assistant.prefix  # load or build the prefix before accepting requests
+    assistant.tokenizer.load_full()  # a long-lived process: no per-text tokenizer rebuilds
     try:
         httpd = ThreadingHTTPServer((host, port), Handler)
     except OSError as e:

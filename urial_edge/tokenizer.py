@@ -59,6 +59,7 @@ class Tokenizer:
         digest = hashlib.sha256(raw).hexdigest()
         key = hashlib.sha256(json.dumps([digest, config, model_config.get("eos_token_id")]).encode()).hexdigest()
         self._full = None
+        self._path = path
         self.key = key
         index = load_index(index_dir() / f"{key}.npz")
         if index is None:
@@ -74,6 +75,12 @@ class Tokenizer:
         self._lazy = None if self._full is not None or not meta["lazy"] else LazyBPE(index)
         if self._full is None and self._lazy is None:
             self._full = _build_full(raw, path)
+
+    def load_full(self) -> None:
+        """Build the whole tokenizer now, for long-lived processes that will see many different texts."""
+        if self._full is None:
+            self._full = _build_full(self._path.read_bytes(), self._path)
+            self._lazy = None
 
     def encode(self, text: str, bos: bool = False, remember: bool = False) -> List[int]:
         """Token ids of ``text``; with ``bos``, the model's BOS is prepended if it uses one.
