@@ -7,10 +7,12 @@ so urial-edge reads ``tokenizer.json`` itself and applies BOS explicitly.
 Even the bare `tokenizers` library needs about 1.5 s to build Gemma's BPE (262k
 tokens, 515k merges), which dwarfs a cached answer's start-up. So the first load
 writes an index of the vocabulary to the store, and later processes build a BPE
-over only the tokens and merges that can occur in the text at hand: a BPE merge
-only ever joins symbols made of characters of the (normalized) input, so
-dropping every token with another character changes no output. Token ids stay
-the original ones and are checked against the full tokenizer in the tests.
+over only the tokens and merges the text at hand can use. BPE only ever merges
+neighbouring symbols of one pre-tokenized piece, so every token it can produce
+is a substring of a piece; the pieces come from running the model's own
+added-token, normalizer and pre-tokenizer steps (a "probe" tokenizer whose
+vocabulary is single characters). Token ids stay the original ones and are
+checked against the full tokenizer in the tests.
 """
 
 import array
@@ -26,13 +28,10 @@ import mlx.core as mx
 
 from .store import UrialError, atomic_file, home, write_text_atomic
 
-INDEX_VERSION = 7
+INDEX_VERSION = 9
 BPE_OPTIONS = ("unk_token", "continuing_subword_prefix", "end_of_word_suffix", "fuse_unk", "byte_fallback",
                "ignore_merges")
 BYTE_TOKEN = re.compile(r"<0x[0-9A-Fa-f]{2}>")
-COMMON_CHARS = 62  # characters with a bit of their own in each token's mask; the rest share RARE_BIT
-RARE_BIT = 1 << 62
-ALL_COMMON = RARE_BIT - 1
 
 
 def _token_text(value) -> Optional[str]:
@@ -169,19 +168,24 @@ def make_index(spec: dict, full, config: dict, model_config: dict) -> dict:
 
 
 def _vocab_arrays(spec: dict) -> Optional[dict]:
-    """Tokens, their characters and the merges as arrays; None if the model is not a plain BPE."""
+    """Tokens and merges as arrays; None if the model is not a BPE this module can subset exactly."""
     model = spec.get("model") or {}
     vocab, merges = model.get("vocab"), model.get("merges")
-    if model.get("type") != "BPE" or model.get("dropout") or not isinstance(vocab, dict) or merges is None:
+    if model.get("type") != "BPE" or not isinstance(vocab, dict) or merges is None or any(
+            model.get(k) for k in ("dropout", "continuing_subword_prefix", "end_of_word_suffix")):
         return None
     if sorted(vocab.values()) != list(range(len(vocab))):
         return None
     tokens = [""] * len(vocab)
     for token, i in vocab.items():
         tokens[i] = token
+    always = [i for i, t in enumerate(tokens)
+              if (model.get("byte_fallback") and BYTE_TOKEN.fullmatch(t)) or t == model.get("unk_token")]
     pairs = [m.split(" ") if isinstance(m, str) else m for m in merges]
-    if any(len(p) != 2 or p[0] not in vocab or p[1] not in vocab for p in pairs):
-        return None
+    special = {tokens[i] for i in always}
+    if any(len(p) != 2 or p[0] not in vocab or p[1] not in vocab or p[0] + p[1] not in vocab
+           or p[0] in special or p[1] in special for p in pairs):
+        return None  # byte-fallback or unknown tokens that merge: not a substring of the text
     # added tokens outside the BPE vocabulary join it at their own ids; they are matched before BPE
     # runs, so the BPE cannot make them, but only if they always match (no word or strip rules)
     for t in sorted(spec.get("added_tokens") or [], key=lambda t: t["id"]):
@@ -191,39 +195,23 @@ def _vocab_arrays(spec: dict) -> Optional[dict]:
                 or t.get("rstrip"):
             return None
         tokens.append(t["content"])
-    counts: dict = {}
-    for token in tokens:
-        for ch in set(token):
-            counts[ch] = counts.get(ch, 0) + 1
-    common = sorted(counts, key=lambda ch: -counts[ch])[:COMMON_CHARS]
-    bit = {ch: 1 << i for i, ch in enumerate(common)}
-    masks, rare = [], {}
-    for i, token in enumerate(tokens):
-        mask = 0
-        for ch in set(token):
-            if ch in bit:
-                mask |= bit[ch]
-            else:
-                mask |= RARE_BIT
-                rare.setdefault(ch, []).append(i)
-        masks.append(mask)
-    sep = next(chr(c) for c in range(0xE000, 0x110000) if chr(c) not in counts)
-    always = [i for i, t in enumerate(tokens)
-              if (model.get("byte_fallback") and BYTE_TOKEN.fullmatch(t)) or t == model.get("unk_token")]
-    rare_chars = sorted(rare)
+    result = [vocab[a + b] for a, b in pairs]
+    by_result = sorted(range(len(pairs)), key=result.__getitem__)
+    counts = [0] * (len(tokens) + 1)
+    for r in result:
+        counts[r + 1] += 1
+    used = set("".join(tokens))
+    sep = next(chr(c) for c in range(0xE000, 0x110000) if chr(c) not in used)
     return {
         "tokens": _text_array(sep.join(tokens)),
         "separator": _text_array(sep),
         "always": _int_array(always),
-        "bpe_size": _int_array([len(vocab)]),
-        "common_chars": _text_array("".join(common)),
-        "masks": mx.array(array.array("q", masks)),
-        "rare_chars": _text_array("".join(rare_chars)),
-        "rare_ids": _int_array([i for ch in rare_chars for i in rare[ch]]),
-        "rare_ends": _int_array(list(itertools.accumulate(len(rare[ch]) for ch in rare_chars))),
+        "single": _int_array([i for i, t in enumerate(tokens[:len(vocab)]) if len(t) == 1]),
+        "bpe_size": _int_array([len(vocab), max(len(t) for t in tokens[:len(vocab)])]),
         "merge_left": _int_array([vocab[a] for a, _ in pairs]),
         "merge_right": _int_array([vocab[b] for _, b in pairs]),
-        "merge_result": _int_array([vocab.get(a + b, len(tokens)) for a, b in pairs]),
+        "by_result": _int_array(by_result),
+        "result_ends": _int_array(list(itertools.accumulate(counts))),
     }
 
 
@@ -237,15 +225,6 @@ def _array_text(a) -> str:
 
 def _int_array(values: list):
     return mx.array(array.array("i", values))
-
-
-def _nonzero(mask):
-    """Indexes of the true entries of a 1-D bool array, in order (MLX has no ``nonzero``)."""
-    n = mask.size
-    slots = mx.where(mask, mx.cumsum(mask.astype(mx.int32)) - 1, n)
-    out = mx.zeros(n + 1, dtype=mx.int32)
-    out[slots] = mx.arange(n, dtype=mx.int32)  # every false entry lands in the spare last slot
-    return out[:mask.astype(mx.int32).sum().item()]
 
 
 def save_index(path: Path, index: dict) -> None:
@@ -275,76 +254,76 @@ def load_index(path: Path) -> Optional[dict]:
 
 
 class LazyBPE:
-    """Builds `tokenizers` BPEs restricted to the characters of the texts seen so far."""
+    """Builds `tokenizers` BPEs restricted to the substrings of the texts seen so far."""
 
     def __init__(self, index: dict):
         from tokenizers import Tokenizer as _Tokenizer
 
         meta = index["meta"]
         self.tokens = _array_text(index["tokens"]).split(_array_text(index["separator"]))
-        self.common = {ch: 1 << i for i, ch in enumerate(_array_text(index["common_chars"]))}
-        self.masks = index["masks"]
-        ends = index["rare_ends"].tolist()
-        self.rare = dict(zip(_array_text(index["rare_chars"]), zip([0] + ends[:-1], ends)))
-        self.rare_ids = index["rare_ids"]
-        self.left, self.right, self.result = index["merge_left"], index["merge_right"], index["merge_result"]
-        self.always, self.bpe_size = index["always"], index["bpe_size"].item()
-        self.bpe = meta["bpe"]
+        self.always, self.single = set(index["always"].tolist()), set(index["single"].tolist())
+        self.bpe_size, self.max_len = index["bpe_size"].tolist()
+        self.left, self.right = memoryview(index["merge_left"]), memoryview(index["merge_right"])
+        self.by_result, self.result_ends = memoryview(index["by_result"]), memoryview(index["result_ends"])
+        self.bpe = {k: v for k, v in meta["bpe"].items() if v is not None}
         self.added = meta["rest"].get("added_tokens") or []
         self.special = {t["id"] for t in self.added if t.get("special")}
         frame = {**meta["rest"], "added_tokens": [],
-                 "model": {"type": "BPE", "vocab": {}, "merges": [], **self.bpe}}
+                 "model": {"type": "BPE", "vocab": {}, "merges": [], **meta["bpe"]}}
         self.base = _Tokenizer.from_str(json.dumps(frame))  # normalizer, pre-tokenizer and decoder only
-        self.chars: set = set()
+        self.ids: Optional[dict] = None
+        self.kept: set = set()
         self.added_in: list = []
-        self.current = None
-
-    def symbols(self, text: str) -> set:
-        """The characters BPE will see for ``text``: after normalizing and pre-tokenizing."""
-        if self.base.normalizer is not None:
-            text = self.base.normalizer.normalize_str(text)
-        if self.base.pre_tokenizer is not None:
-            return {ch for piece, _ in self.base.pre_tokenizer.pre_tokenize_str(text) for ch in piece}
-        return set(text)
+        self.current = self.probe = None
 
     def tokenizer_for(self, text: str):
         """A tokenizer that encodes ``text`` exactly as the full one does."""
-        chars = self.symbols(text)
-        added = [t for t in self.added if t["content"] in text and t not in self.added_in]
-        if self.current is None or not chars <= self.chars or added:
-            self.chars |= chars
+        if self.ids is None:
+            self.ids = dict(zip(self.tokens, range(len(self.tokens))))
+        normalized = self.base.normalizer.normalize_str(text) if self.base.normalizer is not None else text
+        added = [t for t in self.added
+                 if (t["content"] in text or t["content"] in normalized) and t not in self.added_in]
+        if added or self.probe is None:
             self.added_in += added
-            self.current = self.build()
+            self.probe = self.build(self.single | self.always, [])  # splits text as the real one, into characters
+        kept = self.substrings(self.probe.encode(text, add_special_tokens=False).tokens)
+        kept |= {t["id"] for t in self.added_in}
+        if self.current is None or added or not kept <= self.kept:
+            self.kept |= kept
+            self.current = self.build(self.kept, self.merges(self.kept))
         return self.current
 
-    def kept(self):
-        """Ids of the tokens, and the merges (left and right ids), that can occur in text of ``self.chars``."""
-        outside = RARE_BIT | (ALL_COMMON & ~sum(self.common.get(ch, 0) for ch in self.chars))
-        keep = (self.masks & mx.array(outside, dtype=mx.int64)) == 0  # only common characters of the text
-        keep = keep & (mx.arange(keep.size) < self.bpe_size)  # added tokens only when in the text
-        spans = [self.rare[ch] for ch in self.chars if ch in self.rare]
-        candidates = set(mx.concatenate([self.rare_ids[a:b] for a, b in spans]).tolist()) if spans else ()
-        forced = self.always.tolist() + [t["id"] for t in self.added_in]
-        forced += [i for i in candidates if i < self.bpe_size and set(self.tokens[i]) <= self.chars]
-        if forced:
-            keep[mx.array(forced)] = True
-        keep = mx.concatenate([keep, mx.array([False])])  # the last index: a merge result that is no token
-        ranks = _nonzero(keep[self.left] & keep[self.right] & keep[self.result])
-        return _nonzero(keep).tolist(), self.left[ranks].tolist(), self.right[ranks].tolist()
+    def substrings(self, stream: List[str]) -> set:
+        """Ids of the BPE tokens that are substrings of the probe's runs of single characters."""
+        runs = "".join(t if len(t) == 1 else "\0" for t in stream).split("\0")
+        ids, n, top = self.ids, self.bpe_size, self.max_len
+        kept = set(self.always)
+        for run in runs:
+            for i in range(len(run)):
+                for j in range(i + 1, min(len(run), i + top) + 1):
+                    k = ids.get(run[i:j])
+                    if k is not None and k < n:
+                        kept.add(k)
+        return kept
 
-    def build(self):
+    def merges(self, kept: set) -> List[int]:
+        """Ranks of the merges whose two parts and result are all in ``kept``, in rank order."""
+        left, right, order, ends = self.left, self.right, self.by_result, self.result_ends
+        return sorted(r for k in kept if k < self.bpe_size for r in order[ends[k]:ends[k + 1]]
+                      if left[r] in kept and right[r] in kept)
+
+    def build(self, kept: set, ranks: List[int]):
         from tokenizers import AddedToken, Tokenizer as _Tokenizer
         from tokenizers.models import BPE
 
-        ids, left, right = self.kept()
         tokens = self.tokens
-        vocab = dict(zip(map(tokens.__getitem__, ids), ids))
-        merges = list(zip(map(tokens.__getitem__, left), map(tokens.__getitem__, right)))
-        tok = _Tokenizer(BPE(vocab=vocab, merges=merges, **{k: v for k, v in self.bpe.items() if v is not None}))
+        vocab = {tokens[i]: i for i in kept}
+        merges = [(tokens[self.left[r]], tokens[self.right[r]]) for r in ranks]
+        tok = _Tokenizer(BPE(vocab=vocab, merges=merges, **self.bpe))
         for part in ("normalizer", "pre_tokenizer", "decoder"):
             if getattr(self.base, part) is not None:
                 setattr(tok, part, getattr(self.base, part))
-        # added tokens are in the vocabulary (checked when indexing), so they keep their ids
+        # added tokens are in the vocabulary or follow it (checked when indexing), so they keep their ids
         options = ("single_word", "lstrip", "rstrip", "normalized", "special")
         tok.add_tokens([AddedToken(t["content"], **{k: t[k] for k in options if k in t}) for t in self.added_in])
         return tok
