@@ -164,3 +164,21 @@ def test_load_full_keeps_ids(pair, tmp_path):
     assert switched._full is not None and switched._lazy is None
     for text in STRINGS:
         assert switched.encode(text) == full.encode(text)
+
+
+def test_replaced_tokenizer_file_is_noticed(tmp_path, home):
+    """The tokenizer's digest is remembered by file size, mtime and inode; a new file is hashed again."""
+    from tokenizers import Tokenizer as HFTokenizer
+
+    model = train(tmp_path / "tok", "sentencepiece")
+    Tokenizer(model)
+    before = Tokenizer(model)
+    assert before._lazy is not None and list(index_dir().glob("*.digest"))
+    train(model, "bytelevel")  # same path, other vocabulary
+    after = Tokenizer(model)
+    assert after.fingerprint != before.fingerprint
+    expected = HFTokenizer.from_file(str(model / "tokenizer.json")).encode(CORPUS[0], add_special_tokens=False).ids
+    assert after.encode(CORPUS[0]) == Tokenizer(model).encode(CORPUS[0]) == expected
+    for memo in index_dir().glob("*.digest"):
+        memo.write_text("garbage")  # a damaged memo is ignored
+    assert Tokenizer(model).fingerprint == after.fingerprint

@@ -61,46 +61,62 @@ def timed(cmd: List[str], stdin: str = None) -> dict:
     report = json.loads(proc.stderr.strip().splitlines()[-1])
     if report["code"] != 0:
         raise RuntimeError(f"{' '.join(cmd[:5])} ... failed: {proc.stderr.strip().splitlines()[-2:-1]}")
-    return {"wall_s": report["wall_s"], "peak_rss_mb": report["peak_rss_mb"], "stdout": proc.stdout}
+    return {"wall_s": report["wall_s"], "peak_rss_mb": report["peak_rss_mb"]}
 
 
-def repeat(n: int, fn) -> dict:
-    runs = [fn() for _ in range(n)]
+def summary(runs: List[dict]) -> dict:
     return {"wall_s": statistics.median(r["wall_s"] for r in runs),
-            "peak_rss_mb": max((r["peak_rss_mb"] or 0) for r in runs), "runs": [r["wall_s"] for r in runs],
-            "stdout": runs[-1]["stdout"]}
+            "peak_rss_mb": max((r["peak_rss_mb"] or 0) for r in runs), "runs": [r["wall_s"] for r in runs]}
+
+
+def interleaved(n: int, commands: dict) -> dict:
+    """Run each command ``n`` times, round-robin, after one discarded round.
+
+    Taking turns spreads the machine's drift over all rows alike; the first
+    fresh process after a big one runs slower, so the warm-up round is dropped.
+    """
+    for cmd in commands.values():
+        timed(cmd)
+    runs = {name: [] for name in commands}
+    for _ in range(n):
+        for name, cmd in commands.items():
+            runs[name].append(timed(cmd))
+    return {name: summary(r) for name, r in runs.items()}
 
 
 def run_suite(model: str = None, prompt: str = None, repeats: int = 3, out: Path = Path("benchmarks/results"),
               decode_tokens: int = 64) -> dict:
+    import compileall
+
     from .assistant import Assistant
-
-    bot = Assistant.load(model, prompt, max_tokens=1)
-    exe = [sys.executable, "-m", "urial_edge.cli"]
-    spec = ["--model", str(bot.model_path), "--prompt", bot.prompt.path and str(bot.prompt.path) or bot.prompt.name]
-    rows = {}
-    bot.prefix  # build and save the prefix cache before timing cold runs
-    ask = [*exe, "ask", *spec, "--max-tokens", "1", "--json", QUERY]
-    rows["urial-edge ask, cached (cold process)"] = repeat(repeats, lambda: timed(ask))
-    rows["urial-edge ask --no-cache (cold process)"] = repeat(repeats, lambda: timed(ask + ["--no-cache"]))
-
     from .prompt import render_turn
 
+    bot = Assistant.load(model, prompt, max_tokens=1)
+    # byte-compile our modules as installing a wheel does (PYTHONDONTWRITEBYTECODE may be set)
+    compileall.compile_dir(str(Path(__file__).parent), quiet=1)
+    exe = [sys.executable, "-m", "urial_edge.cli"]
+    spec = ["--model", str(bot.model_path), "--prompt", bot.prompt.path and str(bot.prompt.path) or bot.prompt.name]
+    bot.prefix  # build and save the prefix cache before timing cold runs
+    ask = [*exe, "ask", *spec, "--max-tokens", "1", "--json", QUERY]
+    ids = json.dumps(bot.tokenizer.encode(render_turn(QUERY)))
+    query = render_turn(QUERY)
     with tempfile.TemporaryDirectory() as tmp:
         cache_file = str(Path(tmp) / "prefix.safetensors")
         mlx_lm = [sys.executable, "-m", "mlx_lm"]
         timed([*mlx_lm, "cache_prompt", "--model", str(bot.model_path), "--prompt", "-",
                "--prompt-cache-file", cache_file], stdin=bot.prefix_text)
-        query = render_turn(QUERY)
-        rows["mlx_lm generate --prompt-cache-file (cold process)"] = repeat(repeats, lambda: timed(
-            [*mlx_lm, "generate", "--model", str(bot.model_path), "--prompt-cache-file", cache_file,
-             "--prompt", query, "--max-tokens", "1", "--ignore-chat-template"]))
-        rows["mlx_lm generate, full prompt (cold process)"] = repeat(repeats, lambda: timed(
-            [*mlx_lm, "generate", "--model", str(bot.model_path), "--prompt", bot.prefix_text + query,
-             "--max-tokens", "1", "--ignore-chat-template"]))
-    ids = json.dumps(bot.tokenizer.encode(render_turn(QUERY)))
-    floor = [sys.executable, "-c", FLOOR, str(bot.model_path), str(bot.prefix.path), ids]
-    rows["floor: weights + prefix cache + query + 1 step"] = repeat(repeats, lambda: timed(floor))
+        rows = interleaved(repeats, {
+            "urial-edge ask, cached (cold process)": ask,
+            "urial-edge ask --no-cache (cold process)": ask + ["--no-cache"],
+            "mlx_lm generate --prompt-cache-file (cold process)": [
+                *mlx_lm, "generate", "--model", str(bot.model_path), "--prompt-cache-file", cache_file,
+                "--prompt", query, "--max-tokens", "1", "--ignore-chat-template"],
+            "floor: weights + prefix cache + query + 1 step": [
+                sys.executable, "-c", FLOOR, str(bot.model_path), str(bot.prefix.path), ids],
+        })
+        full = [*mlx_lm, "generate", "--model", str(bot.model_path), "--prompt", bot.prefix_text + query,
+                "--max-tokens", "1", "--ignore-chat-template"]
+        rows["mlx_lm generate, full prompt (cold process)"] = summary([timed(full) for _ in range(repeats)])
 
     warm = {
         "in-process ttft, cached": min(bot.ask(QUERY).stats.ttft for _ in range(repeats)),
@@ -182,7 +198,10 @@ def summarise(rows: dict, warm: dict, decode: dict) -> dict:
     from .prefix_cache import library_versions
     from .startup import blas_in_use
 
-    cold = {name: {k: v for k, v in row.items() if k != "stdout"} for name, row in rows.items()}
+    order = ["urial-edge ask, cached (cold process)", "urial-edge ask --no-cache (cold process)",
+             "mlx_lm generate --prompt-cache-file (cold process)", "mlx_lm generate, full prompt (cold process)",
+             "floor: weights + prefix cache + query + 1 step"]
+    cold = {name: rows[name] for name in order}
     cached = rows["urial-edge ask, cached (cold process)"]["wall_s"]
     ratios = {
         "cached ask / mlx_lm with prompt cache": cached / rows["mlx_lm generate --prompt-cache-file (cold process)"]["wall_s"],
@@ -203,7 +222,8 @@ def summarise(rows: dict, warm: dict, decode: dict) -> dict:
 def write(result: dict, out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / "suite.json").write_text(json.dumps(result, indent=2))
-    lines = ["# urial-edge vs mlx-lm", "", "Medians of cold processes; peak memory is the max RSS of each process.",
+    lines = ["# urial-edge vs mlx-lm", "", "Medians of cold processes, run in turns after a discarded warm-up round (the full-prompt mlx_lm "
+             "row runs on its own); peak memory is the max RSS of each process.",
              "The floor is a bare script that loads the weights and the prefix cache, runs the query and takes "
              "its first token. \"query forward\" is the model's share of a first token in a warm process: the "
              "query's forward pass from the cached prefix to its last logits. Decode rates use one clock for both: "

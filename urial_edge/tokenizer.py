@@ -16,11 +16,13 @@ checked against the full tokenizer in the tests.
 """
 
 import array
+import bisect
 import hashlib
 import itertools
 import json
 import re
 import zipfile
+import zlib
 from pathlib import Path
 from typing import Iterable, List, Optional
 
@@ -28,7 +30,7 @@ import mlx.core as mx
 
 from .store import UrialError, atomic_file, home, write_text_atomic
 
-INDEX_VERSION = 9
+INDEX_VERSION = 11
 BPE_OPTIONS = ("unk_token", "continuing_subword_prefix", "end_of_word_suffix", "fuse_unk", "byte_fallback",
                "ignore_merges")
 BYTE_TOKEN = re.compile(r"<0x[0-9A-Fa-f]{2}>")
@@ -49,19 +51,16 @@ class Tokenizer:
 
     def __init__(self, model_path: Path):
         path = Path(model_path) / "tokenizer.json"
-        try:
-            raw = path.read_bytes()
-        except OSError as e:
-            raise UrialError(f"cannot load tokenizer {path}: {e.strerror or e}") from None
         config = _read_json(Path(model_path) / "tokenizer_config.json")
         model_config = _read_json(Path(model_path) / "config.json")
-        digest = hashlib.sha256(raw).hexdigest()
+        digest = file_digest(path)
         key = hashlib.sha256(json.dumps([digest, config, model_config.get("eos_token_id")]).encode()).hexdigest()
         self._full = None
         self._path = path
         self.key = key
         index = load_index(index_dir() / f"{key}.npz")
         if index is None:
+            raw = _read_bytes(path)
             self._full = _build_full(raw, path)
             index = make_index(json.loads(raw), self._full, config, model_config)
             save_index(index_dir() / f"{key}.npz", index)
@@ -73,12 +72,12 @@ class Tokenizer:
         ).hexdigest()
         self._lazy = None if self._full is not None or not meta["lazy"] else LazyBPE(index)
         if self._full is None and self._lazy is None:
-            self._full = _build_full(raw, path)
+            self._full = _build_full(_read_bytes(path), path)
 
     def load_full(self) -> None:
         """Build the whole tokenizer now, for long-lived processes that will see many different texts."""
         if self._full is None:
-            self._full = _build_full(self._path.read_bytes(), self._path)
+            self._full = _build_full(_read_bytes(self._path), self._path)
             self._lazy = None
 
     def encode(self, text: str, bos: bool = False, remember: bool = False) -> List[int]:
@@ -117,6 +116,35 @@ def _write_memo(path: Path, ids: List[int]) -> None:
                                             "ids": ids}))
     except UrialError:
         pass  # a read-only store only costs speed
+
+
+def _read_bytes(path: Path) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError as e:
+        raise UrialError(f"cannot load tokenizer {path}: {e.strerror or e}") from None
+
+
+def file_digest(path: Path) -> str:
+    """SHA-256 of a file, remembered in the store by its size, mtime and inode (as git's index does)."""
+    try:
+        st = path.stat()
+    except OSError as e:
+        raise UrialError(f"cannot load tokenizer {path}: {e.strerror or e}") from None
+    stamp = [str(path.resolve()), st.st_size, st.st_mtime_ns, st.st_ino]
+    memo = index_dir() / f"{hashlib.sha256(json.dumps(stamp).encode()).hexdigest()[:32]}.digest"
+    try:
+        digest = memo.read_text()
+        if re.fullmatch(r"[0-9a-f]{64}", digest):
+            return digest
+    except OSError:
+        pass
+    digest = hashlib.sha256(_read_bytes(path)).hexdigest()
+    try:
+        write_text_atomic(memo, digest)
+    except UrialError:
+        pass  # a read-only store only costs speed
+    return digest
 
 
 def _build_full(raw: bytes, path: Path):
@@ -200,13 +228,12 @@ def _vocab_arrays(spec: dict) -> Optional[dict]:
     counts = [0] * (len(tokens) + 1)
     for r in result:
         counts[r + 1] += 1
-    used = set("".join(tokens))
-    sep = next(chr(c) for c in range(0xE000, 0x110000) if chr(c) not in used)
+    single = [i for i, t in enumerate(tokens[:len(vocab)]) if len(t) == 1]
     return {
-        "tokens": _text_array(sep.join(tokens)),
-        "separator": _text_array(sep),
+        **_lookup_arrays(tokens),
         "always": _int_array(always),
-        "single": _int_array([i for i, t in enumerate(tokens[:len(vocab)]) if len(t) == 1]),
+        "single": _int_array(single),
+        "single_chars": mx.array(array.array("I", [ord(tokens[i]) for i in single])),
         "bpe_size": _int_array([len(vocab), max(len(t) for t in tokens[:len(vocab)])]),
         "merge_left": _int_array([vocab[a] for a, _ in pairs]),
         "merge_right": _int_array([vocab[b] for _, b in pairs]),
@@ -215,12 +242,41 @@ def _vocab_arrays(spec: dict) -> Optional[dict]:
     }
 
 
-def _text_array(text: str):
-    return mx.array(memoryview(text.encode("utf-32-le", "surrogatepass")).cast("I"))
+def _lookup_arrays(tokens: List[str]) -> dict:
+    """Tokens as one UTF-8 buffer with offsets, and their CRC-32s sorted for lookups by text."""
+    data = [t.encode("utf-8", "surrogatepass") for t in tokens]
+    hashes = sorted((zlib.crc32(b), i) for i, b in enumerate(data))
+    return {
+        "text": mx.array(memoryview(b"".join(data)).cast("B")),
+        "offsets": _int_array(list(itertools.accumulate(map(len, data), initial=0))),
+        "hashes": mx.array(array.array("I", [h for h, _ in hashes])),
+        "hash_ids": _int_array([i for _, i in hashes]),
+    }
 
 
-def _array_text(a) -> str:
-    return bytes(memoryview(a)).decode("utf-32-le", "surrogatepass")
+class Vocab:
+    """Token text by id and id by text, read from the index arrays (building a 262k-entry dict costs 0.1 s)."""
+
+    def __init__(self, index: dict):
+        self.text, self.offsets = memoryview(index["text"]), memoryview(index["offsets"])
+        self.hashes, self.hash_ids = memoryview(index["hashes"]), memoryview(index["hash_ids"])
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    def __getitem__(self, i: int) -> str:
+        return bytes(self.text[self.offsets[i]:self.offsets[i + 1]]).decode("utf-8", "surrogatepass")
+
+    def get(self, token: str) -> Optional[int]:
+        data = token.encode("utf-8", "surrogatepass")
+        h = zlib.crc32(data)
+        j = bisect.bisect_left(self.hashes, h)
+        while j < len(self.hashes) and self.hashes[j] == h:
+            i = self.hash_ids[j]
+            if self.text[self.offsets[i]:self.offsets[i + 1]] == data:
+                return i
+            j += 1
+        return None
 
 
 def _int_array(values: list):
@@ -260,8 +316,9 @@ class LazyBPE:
         from tokenizers import Tokenizer as _Tokenizer
 
         meta = index["meta"]
-        self.tokens = _array_text(index["tokens"]).split(_array_text(index["separator"]))
-        self.always, self.single = set(index["always"].tolist()), set(index["single"].tolist())
+        self.tokens = Vocab(index)
+        self.always = set(index["always"].tolist())
+        self.single = dict(zip(map(chr, memoryview(index["single_chars"])), memoryview(index["single"])))
         self.bpe_size, self.max_len = index["bpe_size"].tolist()
         self.left, self.right = memoryview(index["merge_left"]), memoryview(index["merge_right"])
         self.by_result, self.result_ends = memoryview(index["by_result"]), memoryview(index["result_ends"])
@@ -271,37 +328,35 @@ class LazyBPE:
         frame = {**meta["rest"], "added_tokens": [],
                  "model": {"type": "BPE", "vocab": {}, "merges": [], **meta["bpe"]}}
         self.base = _Tokenizer.from_str(json.dumps(frame))  # normalizer, pre-tokenizer and decoder only
-        self.ids: Optional[dict] = None
         self.kept: set = set()
         self.added_in: list = []
         self.current = self.probe = None
 
     def tokenizer_for(self, text: str):
         """A tokenizer that encodes ``text`` exactly as the full one does."""
-        if self.ids is None:
-            self.ids = dict(zip(self.tokens, range(len(self.tokens))))
         normalized = self.base.normalizer.normalize_str(text) if self.base.normalizer is not None else text
         added = [t for t in self.added
                  if (t["content"] in text or t["content"] in normalized) and t not in self.added_in]
         if added or self.probe is None:
             self.added_in += added
-            self.probe = self.build(self.single | self.always, [])  # splits text as the real one, into characters
+            # splits the text as the real tokenizer does, into characters
+            self.probe = self.build({**self.single, **self.vocab(self.always)}, [])
         kept = self.substrings(self.probe.encode(text, add_special_tokens=False).tokens)
         kept |= {t["id"] for t in self.added_in}
         if self.current is None or added or not kept <= self.kept:
             self.kept |= kept
-            self.current = self.build(self.kept, self.merges(self.kept))
+            self.current = self.build(self.vocab(self.kept), self.merges(self.kept))
         return self.current
 
     def substrings(self, stream: List[str]) -> set:
         """Ids of the BPE tokens that are substrings of the probe's runs of single characters."""
         runs = "".join(t if len(t) == 1 else "\0" for t in stream).split("\0")
-        ids, n, top = self.ids, self.bpe_size, self.max_len
+        tokens, n, top = self.tokens, self.bpe_size, self.max_len
         kept = set(self.always)
         for run in runs:
             for i in range(len(run)):
                 for j in range(i + 1, min(len(run), i + top) + 1):
-                    k = ids.get(run[i:j])
+                    k = tokens.get(run[i:j])
                     if k is not None and k < n:
                         kept.add(k)
         return kept
@@ -312,12 +367,14 @@ class LazyBPE:
         return sorted(r for k in kept if k < self.bpe_size for r in order[ends[k]:ends[k + 1]]
                       if left[r] in kept and right[r] in kept)
 
-    def build(self, kept: set, ranks: List[int]):
+    def vocab(self, ids: Iterable[int]) -> dict:
+        return {self.tokens[i]: i for i in ids}
+
+    def build(self, vocab: dict, ranks: List[int]):
         from tokenizers import AddedToken, Tokenizer as _Tokenizer
         from tokenizers.models import BPE
 
         tokens = self.tokens
-        vocab = {tokens[i]: i for i in kept}
         merges = [(tokens[self.left[r]], tokens[self.right[r]]) for r in ranks]
         tok = _Tokenizer(BPE(vocab=vocab, merges=merges, **self.bpe))
         for part in ("normalizer", "pre_tokenizer", "decoder"):
