@@ -26,6 +26,10 @@ from pathlib import Path
 from typing import List
 
 QUERY = "What are three good habits for staying healthy while working from home?"
+COLD_ROWS = (ROW_ASK, ROW_NO_CACHE, ROW_MLX_CACHED, ROW_MLX_FULL, ROW_FLOOR) = (
+    "urial-edge ask, cached (cold process)", "urial-edge ask --no-cache (cold process)",
+    "mlx_lm generate --prompt-cache-file (cold process)", "mlx_lm generate, full prompt (cold process)",
+    "floor: weights + prefix cache + query + 1 step")
 
 FLOOR = r"""
 import sys, time, json
@@ -98,25 +102,22 @@ def run_suite(model: str = None, prompt: str = None, repeats: int = 3, out: Path
     spec = ["--model", str(bot.model_path), "--prompt", bot.prompt.path and str(bot.prompt.path) or bot.prompt.name]
     bot.prefix  # build and save the prefix cache before timing cold runs
     ask = [*exe, "ask", *spec, "--max-tokens", "1", "--json", QUERY]
-    ids = json.dumps(bot.tokenizer.encode(render_turn(QUERY)))
     query = render_turn(QUERY)
+    ids = json.dumps(bot.tokenizer.encode(query))
     with tempfile.TemporaryDirectory() as tmp:
         cache_file = str(Path(tmp) / "prefix.safetensors")
         mlx_lm = [sys.executable, "-m", "mlx_lm"]
         timed([*mlx_lm, "cache_prompt", "--model", str(bot.model_path), "--prompt", "-",
                "--prompt-cache-file", cache_file], stdin=bot.prefix_text)
+        generate = [*mlx_lm, "generate", "--model", str(bot.model_path), "--max-tokens", "1", "--ignore-chat-template"]
         rows = interleaved(repeats, {
-            "urial-edge ask, cached (cold process)": ask,
-            "urial-edge ask --no-cache (cold process)": ask + ["--no-cache"],
-            "mlx_lm generate --prompt-cache-file (cold process)": [
-                *mlx_lm, "generate", "--model", str(bot.model_path), "--prompt-cache-file", cache_file,
-                "--prompt", query, "--max-tokens", "1", "--ignore-chat-template"],
-            "floor: weights + prefix cache + query + 1 step": [
-                sys.executable, "-c", FLOOR, str(bot.model_path), str(bot.prefix.path), ids],
+            ROW_ASK: ask,
+            ROW_NO_CACHE: ask + ["--no-cache"],
+            ROW_MLX_CACHED: generate + ["--prompt-cache-file", cache_file, "--prompt", query],
+            ROW_FLOOR: [sys.executable, "-c", FLOOR, str(bot.model_path), str(bot.prefix.path), ids],
         })
-        full = [*mlx_lm, "generate", "--model", str(bot.model_path), "--prompt", bot.prefix_text + query,
-                "--max-tokens", "1", "--ignore-chat-template"]
-        rows["mlx_lm generate, full prompt (cold process)"] = summary([timed(full) for _ in range(repeats)])
+        full = generate + ["--prompt", bot.prefix_text + query]
+        rows[ROW_MLX_FULL] = summary([timed(full) for _ in range(repeats)])
 
     warm = {
         "in-process ttft, cached": min(bot.ask(QUERY).stats.ttft for _ in range(repeats)),
@@ -198,15 +199,12 @@ def summarise(rows: dict, warm: dict, decode: dict) -> dict:
     from .prefix_cache import library_versions
     from .startup import blas_in_use
 
-    order = ["urial-edge ask, cached (cold process)", "urial-edge ask --no-cache (cold process)",
-             "mlx_lm generate --prompt-cache-file (cold process)", "mlx_lm generate, full prompt (cold process)",
-             "floor: weights + prefix cache + query + 1 step"]
-    cold = {name: rows[name] for name in order}
-    cached = rows["urial-edge ask, cached (cold process)"]["wall_s"]
+    cold = {name: rows[name] for name in COLD_ROWS}
+    cached = rows[ROW_ASK]["wall_s"]
     ratios = {
-        "cached ask / mlx_lm with prompt cache": cached / rows["mlx_lm generate --prompt-cache-file (cold process)"]["wall_s"],
-        "cached ask / floor": cached / rows["floor: weights + prefix cache + query + 1 step"]["wall_s"],
-        "cached ask / no-cache ask": cached / rows["urial-edge ask --no-cache (cold process)"]["wall_s"],
+        "cached ask / mlx_lm with prompt cache": cached / rows[ROW_MLX_CACHED]["wall_s"],
+        "cached ask / floor": cached / rows[ROW_FLOOR]["wall_s"],
+        "cached ask / no-cache ask": cached / rows[ROW_NO_CACHE]["wall_s"],
         "in-process ttft speedup (full / cached)": warm["in-process ttft, full prefill"] / warm["in-process ttft, cached"],
         "decode urial-edge / mlx-lm": decode["urial-edge decode tok/s"] / decode["mlx-lm stream_generate decode tok/s"],
         "server ttft / query forward": warm["server ttft (warm, over HTTP)"] / warm["query forward (model only)"],

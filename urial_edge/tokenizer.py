@@ -111,11 +111,15 @@ def _read_memo(path: Path) -> Optional[List[int]]:
 
 
 def _write_memo(path: Path, ids: List[int]) -> None:
+    _remember(path, json.dumps({"sha256": hashlib.sha256(json.dumps(ids).encode()).hexdigest(), "ids": ids}))
+
+
+def _remember(path: Path, text: str) -> None:
+    """Write a memo to the store atomically; a store that cannot be written only costs speed."""
     try:
-        write_text_atomic(path, json.dumps({"sha256": hashlib.sha256(json.dumps(ids).encode()).hexdigest(),
-                                            "ids": ids}))
+        write_text_atomic(path, text)
     except UrialError:
-        pass  # a read-only store only costs speed
+        pass
 
 
 def _read_bytes(path: Path) -> bytes:
@@ -140,10 +144,7 @@ def file_digest(path: Path) -> str:
     except OSError:
         pass
     digest = hashlib.sha256(_read_bytes(path)).hexdigest()
-    try:
-        write_text_atomic(memo, digest)
-    except UrialError:
-        pass  # a read-only store only costs speed
+    _remember(memo, digest)
     return digest
 
 
