@@ -39,7 +39,8 @@ row = {"blas": blas_in_use(), "matmul_1024_ms": 1000 * best(lambda: mx.eval(a @ 
        "lm_head_gemv_ms": 1000 * best(lambda: mx.eval(x @ w))}
 sys.path.insert(0, sys.argv[1])
 from bench_precision import TEXT, speeds
-from urial_edge.models import load_model, resolve_model
+from urial_edge.modeling import load_model
+from urial_edge.models import resolve_model
 from urial_edge.tokenizer import Tokenizer
 path = resolve_model(None)
 model, _ = load_model(path)

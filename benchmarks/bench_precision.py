@@ -16,7 +16,8 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from urial_edge.generate import GenerationOptions, generate_tokens, prefill
-from urial_edge.models import load_model, resolve_model
+from urial_edge.modeling import load_model
+from urial_edge.models import resolve_model
 from urial_edge.prefix_cache import make_cache
 from urial_edge.tokenizer import Tokenizer
 

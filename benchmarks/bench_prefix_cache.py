@@ -17,7 +17,7 @@ from common import best_of, write_results
 
 from urial_edge.assistant import Assistant
 from urial_edge.prompt import load_prompt
-from urial_edge.store import format_size
+from urial_edge.units import format_size
 
 QUERY = "What are three good habits for staying healthy while working from home?"
 

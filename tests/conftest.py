@@ -48,7 +48,7 @@ def write_byte_tokenizer(path: Path) -> None:
 
 def make_tiny_model(path: Path, arch: str = "gemma3", seed: int = 0, **overrides) -> Path:
     """Write a random-weight MLX model directory for ``arch``."""
-    from urial_edge.models import build_model
+    from urial_edge.modeling import build_model
 
     path.mkdir(parents=True, exist_ok=True)
     config = {**TINY_CONFIGS[arch], **overrides}

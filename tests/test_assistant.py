@@ -4,7 +4,7 @@ import pytest
 
 from conftest import make_tiny_model
 from urial_edge.assistant import Assistant
-from urial_edge.store import UrialError
+from urial_edge.errors import UrialError
 
 PROMPT = '''name = "tiny"
 system = "You are a helpful assistant. Answer briefly and clearly."
@@ -71,7 +71,7 @@ def test_chat_session_saves_and_resumes(home, tiny_gemma, prompt_file):
     chat = bot.chat("demo")
     chat.send(MESSAGES[0])
     path = chat.save()
-    assert (path / "session.json").exists() and (path / "kv.safetensors").exists()
+    assert path == home / "sessions" / "demo.safetensors" and path.exists()
     resumed = load(tiny_gemma, prompt_file).chat("demo")
     assert resumed.turns == chat.turns and resumed.ids == chat.ids
     assert resumed.send(MESSAGES[1]).text == chat.send(MESSAGES[1]).text
@@ -82,7 +82,9 @@ def test_damaged_session_kv_is_rebuilt(home, tiny_llama, prompt_file, capsys):
     chat = bot.chat("s1")
     chat.send(MESSAGES[0])
     path = chat.save()
-    (path / "kv.safetensors").write_bytes(b"junk")
+    data = bytearray(path.read_bytes())
+    data[-50] ^= 0xFF  # damage the tensor data; the record in the header survives
+    path.write_bytes(bytes(data))
     resumed = bot.chat("s1")
     assert "rebuilding" in capsys.readouterr().err
     assert resumed.send(MESSAGES[1]).text == chat.send(MESSAGES[1]).text

@@ -20,16 +20,21 @@ def bot(bundled_home):
 
 
 def test_cached_answers_equal_full_prefill_token_for_token(bot):
-    from urial_edge.generate import generate_tokens
-    from urial_edge.prefix_cache import make_cache
-    from urial_edge.prompt import render_turn
+    for question in QUESTIONS:  # two questions in one process, each from the untouched shared prefix
+        cached, full = bot.ask(question), bot.ask(question, no_cache=True)
+        assert cached.token_ids == full.token_ids and cached.text == full.text
+        assert full.stats.prefill_tokens == len(bot.prefix_ids) + cached.stats.prefill_tokens
 
-    for question in QUESTIONS:  # two questions in one process, each from an untouched prefix copy
-        rest = bot.tokenizer.encode(render_turn(question))
-        resumed = list(generate_tokens(bot.model, rest, bot.prefix.fresh(), list(bot.prefix.tokens), bot.options))
-        full = list(generate_tokens(bot.model, bot.prefix_ids + rest, make_cache(bot.model), [], bot.options))
-        assert resumed == full
-        assert bot.ask(question).text == bot.ask(question, no_cache=True).text
+
+BATCH = QUESTIONS + ["Write a haiku about autumn.", "What is 17 times 23?", "Name three rivers in Africa.",
+                     "How do vaccines work?"]
+
+
+def test_batched_greedy_answers_equal_single_answers_token_for_token(bot):
+    single = [bot.ask(q) for q in BATCH]
+    batched = list(bot.batch(BATCH, batch_size=4))  # more queries than slots: some join mid-way
+    assert [a.token_ids for a in batched] == [a.token_ids for a in single]
+    assert max(a.stats.batch_size for a in batched) == 4
 
 
 def test_answers_like_an_assistant(bot):

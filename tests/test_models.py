@@ -10,7 +10,7 @@ import pytest
 
 from urial_edge import gguf_import
 from urial_edge.models import model_info, resolve_model
-from urial_edge.store import UrialError
+from urial_edge.errors import UrialError
 
 DATA = Path(__file__).parent / "data"
 
@@ -85,7 +85,7 @@ PARAGRAPH = (
 def test_bundled_perplexity_on_english(bundled):
     import mlx.core as mx
 
-    from urial_edge.models import load_model
+    from urial_edge.modeling import load_model
     from urial_edge.tokenizer import Tokenizer
 
     model, _ = load_model(bundled)

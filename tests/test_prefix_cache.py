@@ -8,8 +8,10 @@ import pytest
 
 from conftest import make_tiny_model
 from urial_edge import prefix_cache
-from urial_edge.generate import GenerationOptions, generate_tokens
-from urial_edge.models import load_model, model_fingerprint
+from urial_edge.engine import Engine, Request
+from urial_edge.modeling import load_model
+from urial_edge.models import model_fingerprint
+from urial_edge.options import GenerationOptions
 from urial_edge.tokenizer import Tokenizer
 
 PREFIX = "# Instruction\n\nYou are a helpful assistant. " * 4 + "\n\n"
@@ -18,17 +20,24 @@ QUERIES = ["# Query:\n```\nWhat is two plus two?\n```\n\n# Answer:\n```\n",
 OPTIONS = GenerationOptions(max_tokens=24, repetition_penalty=1.1)
 
 
-def full_prefill(model, ids, kv_bits=None, options=OPTIONS):
-    cache = prefix_cache.make_cache(model, kv_bits)
-    return list(generate_tokens(model, ids, cache, [], options))
+def generate(model, tokens, cache, history, options=OPTIONS):
+    tok = Tokenizer(model.path)
+    seq = Engine(model, tok, tok.eos_ids, 2048).submit(Request(tokens, cache, history, options, framed=False))
+    list(seq)
+    return seq.token_ids
+
+
+def full_prefill(model, ids, options=OPTIONS):
+    return generate(model, ids, None, [])
 
 
 def resumed(model, pc, ids, options=OPTIONS):
-    return list(generate_tokens(model, ids, pc.fresh(), list(pc.tokens), options))
+    return generate(model, ids, pc.fresh(), list(pc.tokens), options)
 
 
 def setup(path, kv_bits=None, use_disk=True):
     model, _ = load_model(path)
+    model.path = path
     tok = Tokenizer(path)
     prefix = tok.encode(PREFIX, bos=True)
     pc = prefix_cache.load_or_build(model, prefix, model_fingerprint(path), tok.fingerprint,
@@ -45,9 +54,10 @@ def test_resumed_from_disk_equals_full_prefill(home, tmp_path, arch, kv_bits):
     assert loaded.hit and loaded.key == built.key
     for query in QUERIES:
         rest = tok.encode(query)
-        expected = full_prefill(model, prefix + rest, kv_bits)
+        expected = resumed(model, built, rest)
         assert resumed(model, loaded, rest) == expected
-        assert resumed(model, built, rest) == expected
+        if kv_bits is None:  # a quantized prefix decodes from its dequantized copy, not from float KV
+            assert expected == full_prefill(model, prefix + rest)
 
 
 def test_rotating_cache_prefix_is_longer_than_window(home, tiny_gemma):
@@ -103,10 +113,28 @@ def test_cache_from_another_model_is_not_used(home, tmp_path, capsys):
     _, _, _, pa = setup(a)
     model_b, tok, prefix, pb = setup(b)
     assert pa.key != pb.key
-    # plant a's file under b's key: the layer check refuses it
+    # a's file copied under b's key: its metadata names a's key
     pb.path.write_bytes(pa.path.read_bytes())
     _, _, _, again = setup(b)
-    assert not again.hit and "does not fit this model" in capsys.readouterr().err
+    assert not again.hit and "is not this prompt's state" in capsys.readouterr().err
+    # a's tensors with metadata forged to claim b's key and tokens: the layer check refuses them
+    prefix_cache.save(pb.path, pa.state, {"key": pb.key, "tokens_sha256": prefix_cache.tokens_digest(prefix)})
+    _, _, _, forged = setup(b)
+    assert not forged.hit and "does not fit this model" in capsys.readouterr().err
+
+
+def test_state_of_another_prompt_with_the_same_length_is_not_used(home, tiny_llama, capsys):
+    """The fault-injection case: same token count, one word changed, file copied over the other's."""
+    model, tok, prefix, pc = setup(tiny_llama)
+    other = list(prefix)
+    other[-3] = other[-3] + 1  # same length, one token different
+    po = prefix_cache.load_or_build(model, other, model_fingerprint(tiny_llama), tok.fingerprint, {"prompt": "other"})
+    pc.path.write_bytes(po.path.read_bytes())
+    capsys.readouterr()
+    _, _, _, again = setup(tiny_llama)
+    assert not again.hit and "is not this prompt's state" in capsys.readouterr().err
+    rest = tok.encode(QUERIES[0])
+    assert resumed(model, again, rest) == full_prefill(model, prefix + rest)
 
 
 def test_key_changes_with_everything_that_changes_kv(tiny_llama):

@@ -5,7 +5,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from urial_edge import prompt as urial
-from urial_edge.store import UrialError
+from urial_edge.errors import UrialError
 
 SHIPPED = ["urial-k0", "urial-k1", "urial-k3", "urial-k8"]
 
@@ -63,16 +63,6 @@ def test_prefix_ends_on_blank_line_and_turns_follow_the_format():
     assert urial.render_turn("Q2") == "# Query:\n```\nQ2\n```\n\n# Answer:\n```\n"
 
 
-@pytest.mark.parametrize("raw,clean", [
-    ("Paris is the capital.\n```\n\n# Query:\n```\nmore", "Paris is the capital."),
-    ("Answer text\n\n# Query:\nnext", "Answer text"),
-    ("```", ""),
-    ("  spaced  \n", "spaced"),
-])
-def test_clean_answer(raw, clean):
-    assert urial.clean_answer(raw) == clean
-
-
 @pytest.mark.parametrize("name", SHIPPED)
 def test_shipped_prompts_load_and_are_sound(name):
     p = urial.load_prompt(name)
@@ -128,7 +118,7 @@ def test_check_reports_duplicates_and_frame_lines():
 
 
 def test_stop_matcher_holds_back_partial_stops():
-    from urial_edge.generate import StopMatcher
+    from urial_edge.output import StopMatcher
 
     m = StopMatcher(urial.STOP_STRINGS)
     out = "".join(m.feed(piece) for piece in ["Hello", " world", "\n", "``", "`\n"])

@@ -6,7 +6,8 @@ from pathlib import Path
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from urial_edge.tokenizer import Tokenizer, index_dir, load_index
+from urial_edge.paths import tokenizers_dir
+from urial_edge.tokenizer import Tokenizer, load_index
 
 CORPUS = [
     "The quick brown fox jumps over the lazy dog. " * 3,
@@ -98,7 +99,7 @@ def test_same_text_for_any_ids(pair, ids):
 def test_damaged_index_is_rebuilt(tmp_path, home):
     model = train(tmp_path / "tok", "sentencepiece")
     expected = Tokenizer(model).encode(CORPUS[2])
-    index = next(index_dir().glob("*.npz"))
+    index = next(tokenizers_dir().glob("*.npz"))
     data = bytearray(index.read_bytes())
     data[len(data) // 2] ^= 0x10
     index.write_bytes(bytes(data))
@@ -113,7 +114,7 @@ def test_remembered_ids_are_checked(tmp_path, home):
     text = CORPUS[1]
     expected = Tokenizer(model).encode(text, bos=True)
     assert Tokenizer(model).encode(text, bos=True, remember=True) == expected
-    memo = next(index_dir().glob("*.json"))
+    memo = next(tokenizers_dir().glob("*.json"))
     record = json.loads(memo.read_text())
     assert record["ids"] == expected[1:]
     record["ids"][0] += 1  # tampered ids fail their checksum and are recomputed
@@ -173,12 +174,12 @@ def test_replaced_tokenizer_file_is_noticed(tmp_path, home):
     model = train(tmp_path / "tok", "sentencepiece")
     Tokenizer(model)
     before = Tokenizer(model)
-    assert before._lazy is not None and list(index_dir().glob("*.digest"))
+    assert before._lazy is not None and list(tokenizers_dir().glob("*.digest"))
     train(model, "bytelevel")  # same path, other vocabulary
     after = Tokenizer(model)
     assert after.fingerprint != before.fingerprint
     expected = HFTokenizer.from_file(str(model / "tokenizer.json")).encode(CORPUS[0], add_special_tokens=False).ids
     assert after.encode(CORPUS[0]) == Tokenizer(model).encode(CORPUS[0]) == expected
-    for memo in index_dir().glob("*.digest"):
+    for memo in tokenizers_dir().glob("*.digest"):
         memo.write_text("garbage")  # a damaged memo is ignored
     assert Tokenizer(model).fingerprint == after.fingerprint

@@ -3,7 +3,7 @@
 __version__ = "0.1.0"
 
 from .startup import prepare
-from .store import UrialError
+from .errors import UrialError
 
 prepare()  # before anything imports MLX: light mlx_lm imports and an optimised BLAS
 

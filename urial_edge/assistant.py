@@ -6,24 +6,38 @@
     print(bot.ask("What is a prime number?").text)
     for piece in bot.stream("Name three rivers."):
         print(piece, end="")
+    for answer in bot.batch(["Q1", "Q2", "Q3"]):   # decoded together, yielded in order
+        print(answer.text)
     chat = bot.chat()
     chat.send("Plan a day in Lisbon.")
+
+Every answer is a sequence in one batched engine (``engine.py``): ``ask`` and
+``stream`` are a batch of one, ``batch`` keeps up to ``batch_size`` answers in
+flight, and a server started with :meth:`Assistant.start` lets many threads
+stream at once.
 """
 
-import json
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 
 from . import prompt as urial
-from .generate import GenerationOptions, Stats, StopMatcher, Timer, generate_tokens, prefill
-from .models import load_model, model_fingerprint, resolve_model
-from .prefix_cache import PrefixCache, copy_cache, load_or_build, make_cache
+from . import sessions
+from .engine import Engine, Request, Sequence as EngineSequence, Stats
+from .errors import UrialError
+from .log import warn
+from .modeling import load_model, prefill
+from .models import model_fingerprint, resolve_model
+from .options import GenerationOptions, with_changes
+from .prefix_cache import PrefixCache, copy_cache, load_or_build
+from .progress import Progress, progress_bar
 from .startup import warn_if_slow_blas
-from .store import Progress, UrialError, atomic_dir, sessions_dir, stderr_progress
-from .tokenizer import StreamingDecoder, Tokenizer
+from .states import StateCache
+from .tokenizer import Tokenizer
 
+DEFAULT_BATCH_SIZE = 8
+DEFAULT_STATE_BYTES = 1 << 30
 
 
 @dataclass
@@ -32,29 +46,26 @@ class Answer:
 
     text: str
     tokens: int
-    finish_reason: str  # "stop" (end of answer) or "length" (hit max_tokens)
+    finish_reason: str  # "stop" (end of answer), "length" (hit max_tokens) or "cancelled"
     stats: Stats
+    token_ids: List[int] = field(default_factory=list, repr=False)
+    options: Dict[str, object] = field(default_factory=dict, repr=False)  # the generation options used
+    server: Optional[str] = None  # "host:port" of the server that answered, if one did
 
     def as_dict(self) -> dict:
-        return {"text": self.text, "finish_reason": self.finish_reason, "tokens": self.tokens,
-                "stats": self.stats.as_dict()}
-
-
-@dataclass
-class _Run:
-    """What one generation produced besides its text pieces."""
-
-    token_ids: List[int] = field(default_factory=list)
-    fed: int = 0  # how many generated tokens went into the KV cache
-    raw: str = ""
-    finish_reason: str = "length"
+        stats = self.stats.as_dict()
+        if self.server:
+            stats["daemon"] = self.server
+        return {"text": self.text, "finish_reason": self.finish_reason, "tokens": self.tokens, "stats": stats,
+                "options": self.options}
 
 
 class AnswerStream:
     """Text pieces of an answer as they are generated; after iteration, ``.answer`` has the result."""
 
-    def __init__(self, pieces: Iterator[str], stats: Stats, run: "_Run", on_done=None):
-        self._pieces, self._stats, self._run, self._on_done = pieces, stats, run, on_done
+    def __init__(self, pieces: Iterable[str], result: Callable[[str], Answer],
+                 on_done: Optional[Callable[[Answer], None]] = None, cancel: Optional[Callable[[], None]] = None):
+        self._pieces, self._result, self._on_done, self._cancel = pieces, result, on_done, cancel
         self._text: List[str] = []
         self.answer: Optional[Answer] = None
 
@@ -62,24 +73,38 @@ class AnswerStream:
         for piece in self._pieces:
             self._text.append(piece)
             yield piece
-        text = "".join(self._text).strip()
-        self.answer = Answer(text, self._stats.generation_tokens, self._run.finish_reason, self._stats)
+        self.answer = self._result("".join(self._text).strip())
         if self._on_done:
             self._on_done(self.answer)
 
     def finish(self) -> Answer:
         """Consume the rest of the stream and return the answer."""
-        for _ in self:
-            pass
+        if self.answer is None:
+            for _ in self:
+                pass
         return self.answer
+
+    def cancel(self) -> None:
+        """Stop generating; the answer so far is kept with finish_reason "cancelled"."""
+        if self._cancel:
+            self._cancel()
+
+
+def _engine_stream(seq: EngineSequence, on_done=None) -> AnswerStream:
+    def result(text: str) -> Answer:
+        return Answer(text, seq.stats.generation_tokens, seq.finish_reason, seq.stats, seq.token_ids,
+                      seq.request.options.to_json())
+
+    return AnswerStream(seq, result, on_done, seq.cancel)
 
 
 class Assistant:
     """A base model aligned in context by a URIAL prompt, with its prefix KV state cached."""
 
     def __init__(self, model, config: dict, tokenizer: Tokenizer, model_path: Path, prompt: urial.Prompt,
-                 options: GenerationOptions, kv_bits: Optional[int], use_cache: bool,
-                 progress: Optional[Progress]):
+                 options: GenerationOptions, kv_bits: Optional[int] = None, use_cache: bool = True,
+                 progress: Optional[Progress] = None, batch_size: int = DEFAULT_BATCH_SIZE,
+                 max_queued: Optional[int] = None, state_bytes: int = DEFAULT_STATE_BYTES):
         self.model = model
         self.config = config
         self.tokenizer = tokenizer
@@ -88,6 +113,7 @@ class Assistant:
         self.options = options
         self.kv_bits = kv_bits
         self.use_cache = use_cache
+        self.batch_size = batch_size
         self.context_length = int(config.get("max_position_embeddings") or 4096)
         self.model_id = model_fingerprint(model_path)
         self.prefix_text = urial.render_prefix(prompt)
@@ -98,23 +124,32 @@ class Assistant:
                 f"context of {self.context_length}"
             )
         self.progress = progress
+        self.engine = Engine(model, tokenizer, tokenizer.eos_ids, self.context_length, max_active=batch_size,
+                             max_queued=max_queued)
+        self.states = StateCache(state_bytes)
         self._prefix: Optional[PrefixCache] = None
 
     @classmethod
     def load(cls, model: Optional[str] = None, prompt: Optional[str] = None, *, kv_bits: Optional[int] = None,
-             cache: bool = True, progress: Optional[Progress] = None, **generation_options) -> "Assistant":
+             cache: bool = True, progress: Optional[Progress] = None, preset: Optional[str] = None,
+             batch_size: int = DEFAULT_BATCH_SIZE, max_queued: Optional[int] = None,
+             state_bytes: int = DEFAULT_STATE_BYTES, **generation_options) -> "Assistant":
         """Load a model (name, directory, .gguf or repo id) and a URIAL prompt (name or path).
 
         ``cache=False`` skips the on-disk prefix cache (every answer does a full prefill).
-        Generation options: ``max_tokens``, ``temperature``, ``top_p``,
-        ``repetition_penalty``, ``seed``, ``stop``.
+        Generation options (``max_tokens``, ``temperature``, ``top_p``, ``repetition_penalty``,
+        ``repetition_context``, ``seed``, ``stop``) start from ``preset`` (see ``options.PRESETS``).
+        ``batch_size`` is how many answers decode together; ``max_queued`` bounds the
+        requests waiting beyond them (``EngineBusy`` past it); ``state_bytes`` bounds the memory
+        kept for conversation states.
         """
         warn_if_slow_blas()
-        options = GenerationOptions(**generation_options)
+        options = with_changes(preset, generation_options)
         loaded_prompt = urial.load_prompt(prompt)
         path = resolve_model(model)
         weights, config = load_model(path)
-        return cls(weights, config, Tokenizer(path), path, loaded_prompt, options, kv_bits, cache, progress)
+        return cls(weights, config, Tokenizer(path), path, loaded_prompt, options, kv_bits, cache, progress,
+                   batch_size, max_queued, state_bytes)
 
     # -- the prefix ---------------------------------------------------------
 
@@ -127,113 +162,134 @@ class Assistant:
                 {"model": str(self.model_path), "prompt": self.prompt.name,
                  "prompt_version": self.prompt.version},
                 kv_bits=self.kv_bits, use_disk=True,
-                progress=self.progress or stderr_progress("caching prefix tokens"),
+                progress=self.progress or progress_bar("caching prefix tokens"),
             )
         return self._prefix
+
+    def start(self) -> None:
+        """Run the engine on a thread of its own, so that many threads can stream answers at once."""
+        self.prefix  # load or build it before any request needs it
+        self.engine.start()
 
     # -- answering ----------------------------------------------------------
 
     def _options(self, overrides: dict) -> GenerationOptions:
-        return replace(self.options, **overrides) if overrides else self.options
+        return self.options.replace(**overrides)
 
-    def _check_fits(self, context_used: int, new_tokens: int) -> int:
-        """Room left for generation; a one-line error if the new tokens do not fit."""
-        left = self.context_length - context_used - new_tokens
-        if left < 1:
-            raise UrialError(
-                f"the query is {new_tokens} tokens but only {self.context_length - context_used} tokens "
-                f"of context are left after the {context_used}-token prefix"
-            )
-        return left
-
-    def _check_query(self, query: str) -> str:
-        if not isinstance(query, str) or not query.strip():
+    def check_query(self, query) -> str:
+        """The query, stripped; a one-line error if it is empty or not text."""
+        if not isinstance(query, str):
+            raise UrialError(f"the query must be a string, got {type(query).__name__}")
+        if not query.strip():
             raise UrialError("the query is empty")
         return query.strip()
 
-    def _generate(self, cache: list, history: List[int], new_ids: List[int], options: GenerationOptions,
-                  stats: Stats, run: _Run, start: float, framed: bool = True) -> Iterator[str]:
-        """Feed ``new_ids`` on top of ``cache`` (which holds ``history``) and stream the answer text.
+    def _fit(self, used: int, new: int) -> None:
+        if self.context_length - used - new < 1:
+            raise UrialError(f"the query is {new} tokens but only {self.context_length - used} tokens of "
+                             f"context are left after the {used}-token prefix")
 
-        ``framed``: the text is a URIAL answer block (stop at its end, trim it); otherwise a raw
-        continuation that stops only at EOS, ``options.stop`` or the token limit.
+    def request(self, query: str, *, history: Sequence[Tuple[str, str]] = (), system: str = "",
+                no_cache: bool = False, remember: Optional[bool] = None, **options) -> Request:
+        """The engine request for a query: tokens, starting state and options (checked, not yet queued).
+
+        ``remember`` (default: when there is a history or a system text) keeps the state after the
+        prompt in memory, so that a follow-up of this conversation starts from it.
         """
-        left = self._check_fits(len(history), len(new_ids))
-        options = replace(options, max_tokens=min(options.max_tokens, left))
-        stats.prefill_tokens = stats.prefill_tokens or len(new_ids)
-        stats.prompt_tokens = len(history) + len(new_ids)
-        timer = Timer(stats, start)
-        decoder = StreamingDecoder(self.tokenizer)
-        matcher = StopMatcher((urial.STOP_STRINGS if framed else ()) + tuple(options.stop))
-        emitted_start = framed
-        for token in generate_tokens(self.model, new_ids, cache, history, options):
-            timer.token()
-            run.token_ids.append(token)
-            run.fed = len(run.token_ids)
-            if token in self.tokenizer.eos_ids:
-                run.finish_reason = "stop"
-                break
-            piece = decoder.add(token)
-            run.raw += piece
-            if emitted_start and run.raw.startswith(urial.FENCE):
-                run.finish_reason = "stop"  # the model closed the answer block at once
-                break
-            out = matcher.feed(piece)
-            if emitted_start:
-                out = out.lstrip()
-                emitted_start = not out
-            if out:
-                yield out
-            if matcher.stopped:
-                run.finish_reason = "stop"
-                break
-        else:
-            tail = matcher.flush()
-            tail = tail.rstrip() if framed else tail
-            if tail:
-                yield tail
-        if len(run.token_ids) == options.max_tokens:
-            run.fed -= 1  # the last token was sampled but never fed to the model
-        timer.finish()
-
-    def _start(self, history_text: str, no_cache: bool) -> Tuple[list, List[int], List[int], Stats]:
-        """Cache, history ids and new ids for a request whose text after the prefix is ``history_text``."""
-        stats = Stats()
-        rest = self.tokenizer.encode(history_text)
-        self._check_fits(len(self.prefix_ids), len(rest))
+        started = time.perf_counter()
+        query = self.check_query(query)
+        text = (urial.render_system(system) if system and system.strip() else "") + \
+            urial.render_history(history, query)
+        rest = self.tokenizer.encode(text)
+        self._fit(len(self.prefix_ids), len(rest))
+        opts = self._options(options)
         if no_cache or not self.use_cache:
-            return make_cache(self.model, self.kv_bits), [], self.prefix_ids + rest, stats
+            return Request(self.prefix_ids + rest, None, (), opts, started=started)
         prefix = self.prefix
-        stats.cache_hit = prefix.hit
-        stats.cached_tokens = len(prefix.tokens)
-        return prefix.fresh(), list(prefix.tokens), rest, stats
+        stats = Stats(cache_hit=prefix.hit, cached_tokens=len(prefix.tokens))
+        if not (remember if remember is not None else history or system):
+            return Request(rest, prefix.fresh(), prefix.tokens, opts, stats=stats, started=started)
+        # a conversation: start from the longest state stored for it, and store this one's
+        ids = list(prefix.tokens) + rest
+        n, state = self.states.longest_prefix(ids, at_least=len(prefix.tokens))
+        if state is None:
+            n, state = len(prefix.tokens), prefix.fresh()
+        stats.cached_tokens = n
+        remember = (lambda s: self.states.put(ids[:-1], s)) if len(ids) - n > 1 else None
+        return Request(ids[n:], state, ids[:n], opts, on_prefilled=remember, stats=stats, started=started)
 
-    def stream(self, query: str, *, history: Sequence[Tuple[str, str]] = (), no_cache: bool = False,
-               **options) -> "AnswerStream":
+    def submit(self, request: Request) -> AnswerStream:
+        """Queue a request (see :meth:`request`) and return its stream."""
+        return _engine_stream(self.engine.submit(request))
+
+    def stream(self, query: str, *, history: Sequence[Tuple[str, str]] = (), system: str = "",
+               no_cache: bool = False, remember: Optional[bool] = None, **options) -> AnswerStream:
         """Answer ``query`` as text pieces while it is generated; ``.answer`` holds the result after.
 
-        ``history`` is a list of earlier ``(query, answer)`` turns to render before the query.
+        ``history`` is a list of earlier ``(query, answer)`` turns and ``system`` an extra
+        instruction, both rendered after the cached prefix (states of such conversations
+        are remembered, so a follow-up only prefills its new tokens).
         """
-        start = time.perf_counter()
-        query = self._check_query(query)
-        cache, history, new_ids, stats = self._start(urial.render_history(history, query), no_cache)
-        run = _Run()
-        pieces = self._generate(cache, history, new_ids, self._options(options), stats, run, start)
-        return AnswerStream(pieces, stats, run)
+        return self.submit(self.request(query, history=history, system=system, no_cache=no_cache,
+                                        remember=remember, **options))
 
-    def ask(self, query: str, *, history: Sequence[Tuple[str, str]] = (), no_cache: bool = False,
-            **options) -> Answer:
+    def ask(self, query: str, *, history: Sequence[Tuple[str, str]] = (), system: str = "",
+            no_cache: bool = False, **options) -> Answer:
         """Answer ``query`` (greedy by default) and return the text with stats."""
-        return self.stream(query, history=history, no_cache=no_cache, **options).finish()
+        return self.stream(query, history=history, system=system, no_cache=no_cache, **options).finish()
 
-    def batch(self, queries: Sequence[str], **options) -> Iterator[Answer]:
-        """Answer each query in turn, every one starting from the same cached prefix."""
-        for query in queries:
-            yield self.ask(query, **options)
+    def complete(self, text: str, **options) -> AnswerStream:
+        """A raw continuation of ``text`` (no URIAL frame), reusing any stored state it extends."""
+        if not isinstance(text, str) or not text:
+            raise UrialError("the text to complete is empty")
+        ids = self.tokenizer.encode(text, bos=True)
+        self._fit(0, len(ids))
+        n, state = self.states.longest_prefix(ids)
+        stats = Stats(cache_hit=state is not None, cached_tokens=n)
+        opts = self.options.replace(stop=()).replace(**options)
+        return self.submit(Request(ids[n:], state, ids[:n], opts, framed=False, stats=stats))
+
+    def batch(self, queries: Iterable[str], *, batch_size: Optional[int] = None, no_cache: bool = False,
+              **options) -> Iterator[Answer]:
+        """Answer every query, up to ``batch_size`` decoding together; answers come in input order.
+
+        All queries are checked before anything is generated (a one-line error names the bad one).
+        """
+        requests = []
+        for i, q in enumerate(queries):
+            try:
+                requests.append(self.request(q, no_cache=no_cache, **options))
+            except UrialError as e:
+                raise UrialError(f"query {i + 1}: {e}") from None
+        return self.run(requests, batch_size)
+
+    def run(self, requests: List[Request], batch_size: Optional[int] = None) -> Iterator[Answer]:
+        """Run prepared requests with at most ``batch_size`` in flight; yield answers in order."""
+        size = max(1, batch_size or self.batch_size)
+        ahead = 4 * size  # finished answers held back for order stay few
+        running: Dict[int, EngineSequence] = {}
+        done: Dict[int, Answer] = {}
+        submitted = emitted = 0
+        try:
+            while emitted < len(requests):
+                while submitted < len(requests) and len(running) < size and submitted - emitted < ahead:
+                    running[submitted] = self.engine.submit(requests[submitted])
+                    submitted += 1
+                for i in [i for i, seq in running.items() if seq.finish_reason is not None]:
+                    done[i] = _engine_stream(running.pop(i)).finish()
+                if emitted in done:
+                    yield done.pop(emitted)
+                    emitted += 1
+                elif running:
+                    self.engine.advance(next(iter(running.values())))
+        finally:
+            for seq in running.values():
+                seq.cancel()
 
     def chat(self, session: Optional[str] = None) -> "ChatSession":
         """A multi-turn session; with a name, it is loaded from disk if saved before."""
-        if session:
+        if session is not None:
+            sessions.check_name(session)
             saved = ChatSession.load(self, session)
             if saved is not None:
                 return saved
@@ -252,7 +308,7 @@ def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
 class ChatSession:
     """A conversation whose KV state grows turn by turn.
 
-    Earlier turns are never prefilled again. After each answer the cache is cut
+    Earlier turns are never prefilled again. After each answer the state is cut
     back to where the generated tokens and the canonical rendering of the turn
     agree; when a sliding-window layer has wrapped and cannot be cut back, the
     pre-turn state is kept and only the last turn is fed again with the next
@@ -261,7 +317,7 @@ class ChatSession:
 
     def __init__(self, assistant: Assistant, name: Optional[str] = None):
         self.assistant = assistant
-        self.name = name
+        self.name = sessions.check_name(name) if name is not None else None
         self.turns: List[Tuple[str, str]] = []
         self.ids: List[int] = list(assistant.prefix.tokens)
         self.pending: List[int] = []
@@ -275,30 +331,33 @@ class ChatSession:
     def stream(self, message: str, **options) -> AnswerStream:
         """Send ``message``; iterate for the answer's pieces. The turn is recorded when it ends."""
         a = self.assistant
-        start = time.perf_counter()
-        message = a._check_query(message)
-        stats = Stats(cache_hit=a.prefix.hit, cached_tokens=len(self.ids))
+        started = time.perf_counter()
+        message = a.check_query(message)
         new_ids = self.pending + a.tokenizer.encode(urial.render_turn(message))
-        work = copy_cache(self.state)
-        run = _Run()
-        pieces = a._generate(work, self.ids, new_ids, a._options(options), stats, run, start)
-        return AnswerStream(pieces, stats, run,
-                            on_done=lambda answer: self._record(message, answer.text, work, new_ids, run))
+        a._fit(len(self.ids), len(new_ids))
+        stats = Stats(cache_hit=a.prefix.hit, cached_tokens=len(self.ids))
+        seq = a.engine.submit(Request(new_ids, self.state, self.ids, a._options(options), keep_state=True,
+                                      stats=stats, started=started))
+
+        def record(answer: Answer) -> None:
+            if answer.finish_reason in ("stop", "length") and seq.state is not None:
+                self._record(message, answer.text, seq.state, new_ids + seq.token_ids)
+
+        return _engine_stream(seq, on_done=record)
 
     def send(self, message: str, **options) -> Answer:
         """Send ``message`` and return the answer."""
         return self.stream(message, **options).finish()
 
-    def _record(self, message: str, answer: str, work: list, new_ids: List[int], run: _Run) -> None:
-        turn_ids = self.assistant.tokenizer.encode(urial.render_turn(message, answer))
-        target = self.pending + turn_ids
-        fed = new_ids + run.token_ids[:run.fed]
+    def _record(self, message: str, answer: str, state: list, fed: List[int]) -> None:
+        """Keep the turn; ``state`` holds ``self.ids + fed``."""
+        target = self.pending + self.assistant.tokenizer.encode(urial.render_turn(message, answer))
         keep = _common_prefix(fed, target)
         extra = len(fed) - keep
-        if extra == 0 or all(c.is_trimmable() for c in work):
-            for c in work:
+        if extra == 0 or all(c.is_trimmable() for c in state):
+            for c in state:
                 c.trim(extra)
-            self.state, self.ids = work, self.ids + target[:keep]
+            self.state, self.ids = state, self.ids + target[:keep]
             self.pending = target[keep:]
         else:
             self.pending = target
@@ -307,55 +366,39 @@ class ChatSession:
     # -- persistence ----------------------------------------------------------
 
     def save(self, name: Optional[str] = None) -> Path:
-        """Write the conversation and its KV state atomically to the session store."""
-        from .prefix_cache import save as save_cache
-
-        self.name = name or self.name
-        if not self.name:
+        """Write the conversation and its KV state to the session store (one atomic, durable file)."""
+        name = name if name is not None else self.name
+        if not name:
             raise UrialError("a session needs a name to be saved")
-        target = sessions_dir() / _safe_name(self.name)
+        sessions.check_name(name)
         a = self.assistant
-        record = {"version": 1, "prefix_key": a.prefix.key, "model": str(a.model_path),
-                  "prompt": a.prompt.name, "turns": self.turns, "ids": self.ids, "pending": self.pending,
-                  "saved": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-        with atomic_dir(target) as tmp:
-            (tmp / "session.json").write_text(json.dumps(record))
-            save_cache(tmp / "kv.safetensors", self.state, {"prefix_key": a.prefix.key, "tokens": len(self.ids)})
-        return target
+        record = sessions.SessionRecord(name, list(self.turns), list(self.ids), list(self.pending), a.prefix.key,
+                                        str(a.model_path), a.prompt.name)
+        path = sessions.save(record, self.state)
+        sessions.remove_legacy(name)
+        self.name = name
+        return path
 
     @classmethod
     def load(cls, assistant: Assistant, name: str) -> Optional["ChatSession"]:
-        """A saved session, or None if there is none. A stale or damaged KV state is rebuilt."""
-        from .prefix_cache import load as load_cache, warn
-
-        folder = sessions_dir() / _safe_name(name)
-        if not (folder / "session.json").exists():
+        """A saved session, or None if there is none. A state that is not exactly its turns' is rebuilt."""
+        found = sessions.load(name)
+        if found is None:
             return None
-        try:
-            record = json.loads((folder / "session.json").read_text())
-            turns = [(str(q), str(a)) for q, a in record["turns"]]
-        except (OSError, ValueError, KeyError, TypeError):
-            raise UrialError(f"session {name!r} is damaged ({folder / 'session.json'})") from None
+        record, state = found
         session = cls(assistant, name=name)
-        session.turns = turns
-        if record.get("prefix_key") == assistant.prefix.key:
-            try:
-                state, _ = load_cache(folder / "kv.safetensors")
-                if state[0].offset == len(record["ids"]):
-                    session.state, session.ids, session.pending = state, record["ids"], record["pending"]
-                    return session
-            except ValueError as e:
-                warn(f"session {name!r} KV state {e}; rebuilding it")
-        else:
+        session.turns = record.turns
+        turn_ids = assistant.tokenizer.encode("".join(urial.render_turn(q, a) for q, a in record.turns))
+        expected = list(assistant.prefix.tokens) + turn_ids
+        if state is not None and record.prefix_key != assistant.prefix.key:
             warn(f"session {name!r} was saved with another model or prompt; rebuilding its KV state")
-        history = assistant.tokenizer.encode("".join(urial.render_turn(q, a) for q, a in turns))
-        if history:
-            prefill(assistant.model, history, session.state)
-            session.ids = session.ids + history
+        elif state is not None and record.ids + record.pending != expected:
+            warn(f"session {name!r}: its KV state does not match its turns; rebuilding it")
+        elif state is not None:
+            session.state, session.ids, session.pending = state, record.ids, record.pending
+            return session
+        if turn_ids:
+            session.state = copy_cache(session.state)
+            prefill(assistant.model, turn_ids, session.state)
+            session.ids = expected
         return session
-
-
-def _safe_name(name: str) -> str:
-    if not name or not all(ch.isalnum() or ch in "-_." for ch in name) or name.startswith("."):
-        raise UrialError(f"invalid session name {name!r}: use letters, digits, '-', '_' and '.'")
-    return name

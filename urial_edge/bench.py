@@ -37,7 +37,7 @@ t0 = time.perf_counter()
 import urial_edge
 import mlx.core as mx
 from mlx_lm.models.cache import load_prompt_cache
-from urial_edge.models import load_model
+from urial_edge.modeling import load_model
 model, _ = load_model(__import__("pathlib").Path(sys.argv[1]))
 cache = load_prompt_cache(sys.argv[2])
 ids = json.loads(sys.argv[3])
@@ -136,15 +136,17 @@ def server_latency(bot, spec: List[str], repeats: int) -> dict:
 
     import mlx.core as mx
 
-    from .generate import GenerationOptions, prefill
+    from .modeling import prefill
+    from .options import GenerationOptions
+    from .prefix_cache import copy_cache
     from .prompt import render_turn
-    from .server import ask_server
+    from .servers import stream_chat
 
     queries = [f"{QUERY} (variant {i})" for i in range(repeats)]
     prefill_s = []
     for q in queries:  # the model's share of a first token: the query's forward pass up to its last logits
         ids = bot.tokenizer.encode(render_turn(q))
-        cache = bot.prefix.fresh()
+        cache = copy_cache(bot.prefix.fresh())
         start = time.perf_counter()
         prefill(bot.model, ids[:-1], cache)
         mx.eval(bot.model(mx.array(ids[-1:])[None], cache=cache)[:, -1, :])
@@ -158,12 +160,13 @@ def server_latency(bot, spec: List[str], repeats: int) -> dict:
             if not line and proc.poll() is not None:
                 raise RuntimeError("the server did not start")
         host, port = re.search(r"http://([\d.]+):(\d+)", line).groups()
-        info, options = {"host": host, "port": int(port)}, GenerationOptions(max_tokens=1)
-        list(ask_server(info, [{"role": "user", "content": "warm up"}], options))
+        info, options = {"host": host, "port": int(port)}, GenerationOptions(max_tokens=1).to_json()
+        list(stream_chat(info, {"messages": [{"role": "user", "content": "warm up"}], **options}))
         ttft = []
         for q in queries:
             start = time.perf_counter()
-            next(c for c in ask_server(info, [{"role": "user", "content": q}], options) if c["choices"])
+            next(c for c in stream_chat(info, {"messages": [{"role": "user", "content": q}], **options})
+                 if c["choices"])
             ttft.append(time.perf_counter() - start)
     finally:
         proc.terminate()

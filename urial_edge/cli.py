@@ -10,11 +10,12 @@ import json
 import os
 import sys
 from pathlib import Path
+from typing import Optional
 
 import click
 
 from . import __version__
-from .store import UrialError, one_line
+from .errors import UrialError, one_line
 
 EXIT_ERROR, EXIT_BATCH_INVALID, EXIT_INTERRUPTED = 1, 3, 130
 
@@ -57,33 +58,71 @@ def model_options(f):
     return model_option(f)
 
 
+class OptionValue(click.ParamType):
+    """A generation option's value, checked by its declaration in options.py (bad values exit 2)."""
+
+    def __init__(self, option: str):
+        self.option = option
+        self.name = option.replace("_", "-")
+
+    def convert(self, value, param, ctx):
+        from .options import check
+
+        if isinstance(value, str) and self.option not in ("stop",):
+            try:
+                value = float(value) if any(c in value.lower() for c in ".ein") else int(value)
+            except ValueError:
+                self.fail(f"{value!r} is not a number", param, ctx)
+        try:
+            checked = check(self.option, [value] if self.option == "stop" else value)
+        except UrialError as e:
+            self.fail(str(e), param, ctx)
+        return checked[0] if self.option == "stop" else checked
+
+
 def generation_options(f):
-    options = [
-        click.option("--max-tokens", type=click.IntRange(min=1), default=512, show_default=True),
-        click.option("--temperature", "--temp", type=click.FloatRange(0, 5), default=0.0, show_default=True),
-        click.option("--top-p", type=click.FloatRange(0, 1, min_open=True), default=1.0, show_default=True),
-        click.option("--repetition-penalty", type=click.FloatRange(0.5, 3), default=1.1, show_default=True),
-        click.option("--seed", type=int, default=None, help="Random seed for sampling."),
-        click.option("--stop", multiple=True, help="Extra stop string (repeatable)."),
-        click.option("--kv-bits", type=click.Choice(["4", "8", "none"]), default="none", show_default=True,
-                     help="Quantize the cached KV state."),
-        click.option("--no-cache", is_flag=True, help="Skip the prefix cache: full prefill every time."),
-    ]
-    for option in reversed(options):
-        f = option(f)
+    """The generation options of options.py as click options, plus --preset (derived, not listed here)."""
+    from dataclasses import fields
+
+    from .options import PRESETS, GenerationOptions
+
+    for item in reversed(fields(GenerationOptions)):
+        spec = item.metadata["spec"]
+        default = "" if item.default in (None, ()) else f" [default: {item.default}]"
+        metavar = {"stop": "TEXT", "seed": "INTEGER"}.get(item.name, type(item.default).__name__.upper())
+        f = click.option(*spec.flags, item.name, type=OptionValue(item.name), default=None, metavar=metavar,
+                         multiple=item.name == "stop", help=spec.help + default)(f)
+    return click.option("--preset", type=click.Choice(sorted(PRESETS)), default=None,
+                        help="Start from a named set of options (see README); the options below override it.")(f)
+
+
+def load_options(f):
+    """Options for loading a model and prompt (before any generation option)."""
+    f = click.option("--no-cache", is_flag=True, help="Skip the prefix cache: full prefill every time.")(f)
+    f = click.option("--kv-bits", type=click.Choice(["4", "8", "none"]), default="none", show_default=True,
+                     help="Quantize the cached KV state.")(f)
     return model_options(f)
 
 
-def load_assistant(model, prompt, kv_bits, no_cache, **generation):
+def split_generation(kwargs: dict):
+    """Pop the generation options (and --preset) from ``kwargs``; return the GenerationOptions they make."""
+    from .options import option_names, with_changes
+
+    changes = {name: kwargs.pop(name) for name in option_names()}
+    return with_changes(kwargs.pop("preset"), changes)
+
+
+def kv_bits_of(value: str) -> Optional[int]:
+    return None if value == "none" else int(value)
+
+
+def load_assistant(model, prompt, kv_bits, no_cache, options=None, **load):
     from .assistant import Assistant
 
-    return Assistant.load(model, prompt, kv_bits=None if kv_bits == "none" else int(kv_bits),
-                          cache=not no_cache, **generation)
-
-
-def split_generation(kwargs: dict) -> dict:
-    keys = ("max_tokens", "temperature", "top_p", "repetition_penalty", "seed", "stop")
-    return {k: kwargs.pop(k) for k in keys}
+    assistant = Assistant.load(model, prompt, kv_bits=kv_bits_of(kv_bits), cache=not no_cache, **load)
+    if options is not None:
+        assistant.options = options
+    return assistant
 
 
 def read_stdin() -> str:
@@ -92,6 +131,16 @@ def read_stdin() -> str:
         return data.decode("utf-8")
     except UnicodeDecodeError as e:
         raise UrialError(f"standard input is not valid UTF-8 (byte {e.start})") from None
+
+
+def text_argument(value: Optional[str], name: str) -> Optional[str]:
+    """A command-line text that survived the OS's decoding (exit 2 if it holds invalid UTF-8)."""
+    if value is not None:
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            raise click.BadParameter("not valid UTF-8", param_hint=name) from None
+    return value
 
 
 @click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"]})
@@ -105,24 +154,31 @@ def cli():
 
 @cli.command()
 @click.argument("query", required=False)
+@load_options
 @generation_options
-@click.option("--json", "as_json", is_flag=True, help="Print one JSON object with text and stats.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object with text, stats and options.")
 @click.option("--verbose", "-v", is_flag=True, help="Print stats to stderr.")
 @click.option("--no-daemon", is_flag=True, help="Never use a running `urial-edge serve`; answer in-process.")
 def ask(query, as_json, verbose, no_daemon, **kwargs):
     """Answer QUERY (or standard input when QUERY is '-' or input is piped)."""
+    query = text_argument(query, "QUERY")
     if query is None or query == "-":
         if query is None and sys.stdin.isatty():
             raise UrialError("no query: pass it as an argument, or pipe it on standard input")
         query = read_stdin()
     if not query.strip():
         raise UrialError("the query is empty")
-    generation = split_generation(kwargs)
-    no_cache = kwargs["no_cache"]
-    if not (no_daemon or no_cache) and ask_daemon(query, kwargs, generation, as_json, verbose):
-        return
-    assistant = load_assistant(**kwargs, **generation)
-    stream = assistant.stream(query, no_cache=no_cache)
+    options = split_generation(kwargs)
+    stream = None
+    if not (no_daemon or kwargs["no_cache"]):
+        stream = daemon_stream(kwargs, [{"role": "user", "content": query}], options)
+    if stream is None:
+        stream = load_assistant(**kwargs, options=options).stream(query, no_cache=kwargs["no_cache"])
+    show(stream, as_json, verbose)
+
+
+def show(stream, as_json: bool, verbose: bool) -> None:
+    """Print an answer stream: pieces as they come, or one JSON object at the end."""
     if as_json:
         answer = stream.finish()
         click.echo(json.dumps(answer.as_dict(), ensure_ascii=False))
@@ -132,86 +188,78 @@ def ask(query, as_json, verbose, no_daemon, **kwargs):
         click.echo()
         answer = stream.answer
     if verbose:
-        click.echo(format_stats(answer.stats.as_dict(), answer.finish_reason), err=True)
+        via = f" | via server {answer.server}" if answer.server else ""
+        click.echo(format_stats(answer.stats.as_dict(), answer.finish_reason) + via, err=True)
 
 
 def running_server_for(kwargs: dict):
-    """A running server for the requested model and prompt, if any."""
+    """A verified, answering server for the requested model, prompt and KV precision, if any."""
+    from .paths import servers_dir
+
+    if not any(servers_dir().glob("*.json")):  # cheap check before resolving anything
+        return None
     from .models import resolve_model
     from .prompt import load_prompt, render_prefix
-    from .store import servers_dir
-
-    if not any(servers_dir().glob("*.json")):  # cheap check before importing the server module
-        return None
-    from .server import find_server
+    from .servers import find_server
 
     prefix = render_prefix(load_prompt(kwargs["prompt"]))
-    return find_server(resolve_model(kwargs["model"]), prefix)
+    return find_server(resolve_model(kwargs["model"]), prefix, kv_bits_of(kwargs["kv_bits"]))
 
 
-def ask_daemon(query: str, kwargs: dict, generation: dict, as_json: bool, verbose: bool) -> bool:
-    """Answer through a running server for the same model and prompt; False if there is none."""
-    import time
-
-    start = time.perf_counter()
-    info = running_server_for(kwargs) if kwargs["kv_bits"] == "none" else None
+def daemon_stream(kwargs: dict, messages: list, options):
+    """A stream of the answer from a running server; None if there is none or it cannot take the request."""
+    info = running_server_for(kwargs)
     if info is None:
-        return False
-    from .generate import GenerationOptions
-    from .server import ask_server
+        return None
+    from .log import warn
+    from .servers import ServerBusy, remote_stream
 
-    options = GenerationOptions(**generation)
-    text, stats, finish = [], {}, "stop"
-    for chunk in ask_server(info, [{"role": "user", "content": query}], options):
-        choice = chunk["choices"][0]
-        piece = choice.get("delta", {}).get("content", "")
-        if piece and not text:
-            stats["client_ttft"] = time.perf_counter() - start
-        if piece:
-            text.append(piece)
-            if not as_json:
-                click.echo(piece, nl=False)
-        if choice.get("finish_reason"):
-            finish, stats = choice["finish_reason"], {**chunk.get("stats", {}), **stats}
-    stats["daemon"] = f"{info['host']}:{info['port']}"
-    if as_json:
-        click.echo(json.dumps({"text": "".join(text).strip(), "finish_reason": finish, "stats": stats},
-                              ensure_ascii=False))
-    else:
-        click.echo()
-    if verbose and "ttft" in stats:
-        click.echo(format_stats(stats, finish) + f" | via server {stats['daemon']}", err=True)
-    return True
+    try:
+        return remote_stream(info, messages, options)
+    except (OSError, ServerBusy) as e:
+        warn(f"the server at {info['host']}:{info['port']} cannot answer ({e}); answering here")
+        return None
 
 
 def format_stats(stats: dict, finish_reason: str) -> str:
-    return (f"ttft {stats['ttft']:.3f}s | prefill {stats['prefill_tokens']} tok @ {stats['prefill_tps']:.1f} tok/s | "
+    return (f"ttft {stats['ttft']:.3f}s (queue {stats.get('queue_seconds', 0):.3f}s) | prefill "
+            f"{stats['prefill_tokens']} tok @ {stats['prefill_tps']:.1f} tok/s | "
             f"decode {stats['generation_tokens']} tok @ {stats['generation_tps']:.1f} tok/s | "
             f"cache {'hit' if stats['cache_hit'] else 'miss'} ({stats['cached_tokens']} tok) | "
             f"peak {stats['peak_memory_mb']:.0f} MB | finish {finish_reason}")
 
 
 @cli.command()
+@load_options
 @generation_options
 @click.option("--session", "-s", default=None, help="Persist the conversation and its KV state under this name.")
 @click.option("--verbose", "-v", is_flag=True, help="Print stats after each answer.")
 @click.option("--no-daemon", is_flag=True, help="Never use a running `urial-edge serve`; chat in-process.")
 def chat(session, verbose, no_daemon, **kwargs):
     """Interactive multi-turn chat. Commands: /reset, /save [NAME], /exit."""
-    generation = split_generation(kwargs)
-    kwargs.pop("no_cache")
-    info = None if (no_daemon or session or kwargs["kv_bits"] != "none") else running_server_for(kwargs)
-    if info is not None:
-        from .generate import GenerationOptions
-        from .server import RemoteChat
+    from .sessions import check_name
 
-        conversation = RemoteChat(info, GenerationOptions(**generation))
+    if session is not None:
+        try:
+            check_name(text_argument(session, "--session"))
+        except UrialError as e:
+            raise click.BadParameter(str(e), param_hint="--session") from None
+    options = split_generation(kwargs)
+    info = None if (no_daemon or session or kwargs["no_cache"]) else running_server_for(kwargs)
+    if info is not None:
+        from .servers import RemoteChat
+
+        conversation = RemoteChat(info, options)
         click.echo(f"(using the server at {info['host']}:{info['port']})", err=True)
     else:
-        conversation = load_assistant(**kwargs, no_cache=False, **generation).chat(session)
+        conversation = load_assistant(**kwargs, options=options).chat(session)
     if conversation.turns:
         click.echo(f"(resumed session {session!r}: {len(conversation.turns)} turns)", err=True)
     click.echo("Type a message; /reset, /save [NAME], /exit. Ctrl-C stops an answer.", err=True)
+    repl(conversation, session, verbose)
+
+
+def repl(conversation, session: Optional[str], verbose: bool) -> None:
     while True:
         try:
             click.echo(">>> ", nl=False, err=True)
@@ -224,31 +272,41 @@ def chat(session, verbose, no_daemon, **kwargs):
         message = line.strip()
         if not message:
             continue
-        if message.startswith("/"):
-            command, _, arg = message.partition(" ")
-            if command in ("/exit", "/quit", "/bye"):
-                break
-            if command == "/reset":
-                conversation.reset()
-                click.echo("(conversation cleared)", err=True)
-            elif command == "/save":
-                path = conversation.save(arg.strip() or None)
-                click.echo(f"(saved to {path})", err=True)
-            else:
-                click.echo(f"unknown command {command}: use /reset, /save [NAME] or /exit", err=True)
-            continue
-        stream = conversation.stream(message)
         try:
-            for piece in stream:
-                click.echo(piece, nl=False)
-            click.echo()
-        except KeyboardInterrupt:
-            click.echo("\n(stopped; this turn was not kept)", err=True)
-            continue
-        if verbose:
-            click.echo(format_stats(stream.answer.stats.as_dict(), stream.answer.finish_reason), err=True)
-        if session:
-            conversation.save()
+            if message.startswith("/"):
+                if chat_command(conversation, message):
+                    break
+                continue
+            stream = conversation.stream(message)
+            try:
+                for piece in stream:
+                    click.echo(piece, nl=False)
+                click.echo()
+            except KeyboardInterrupt:
+                click.echo("\n(stopped; this turn was not kept)", err=True)
+                continue
+            if verbose:
+                click.echo(format_stats(stream.answer.stats.as_dict(), stream.answer.finish_reason), err=True)
+            if session:
+                conversation.save()
+        except UrialError as e:  # the conversation goes on; nothing said so far is lost
+            click.echo(f"error: {' '.join(str(e).split())}", err=True)
+
+
+def chat_command(conversation, message: str) -> bool:
+    """Run a /command; True to end the chat."""
+    command, _, arg = message.partition(" ")
+    if command in ("/exit", "/quit", "/bye"):
+        return True
+    if command == "/reset":
+        conversation.reset()
+        click.echo("(conversation cleared)", err=True)
+    elif command == "/save":
+        path = conversation.save(arg.strip() or None)
+        click.echo(f"(saved to {path})", err=True)
+    else:
+        click.echo(f"unknown command {command}: use /reset, /save [NAME] or /exit", err=True)
+    return False
 
 
 def read_batch(path: Path):
@@ -280,14 +338,21 @@ def read_batch(path: Path):
 
 def done_ids(out: Path) -> set:
     """Ids already answered in ``out``; a partial last line from an interrupted run is cut off."""
+    if out.is_dir():
+        raise UrialError(f"cannot write to {out}: it is a directory")
+    if not out.parent.is_dir():
+        raise UrialError(f"cannot write to {out}: its directory does not exist")
     if not out.exists():
         return set()
-    data = out.read_bytes()
-    if data and not data.endswith(b"\n"):
-        keep = data.rfind(b"\n") + 1
-        with open(out, "r+b") as f:
-            f.truncate(keep)
-        data = data[:keep]
+    try:
+        data = out.read_bytes()
+        if data and not data.endswith(b"\n"):
+            keep = data.rfind(b"\n") + 1
+            with open(out, "r+b") as f:
+                f.truncate(keep)
+            data = data[:keep]
+    except OSError as e:
+        raise UrialError(f"cannot use {out}: {e.strerror}") from None
     ids = set()
     for line in data.splitlines():
         try:
@@ -300,10 +365,13 @@ def done_ids(out: Path) -> set:
 @cli.command()
 @click.argument("infile", type=click.Path(path_type=Path))
 @click.option("--output", "-o", "out", required=True, type=click.Path(path_type=Path), help="JSONL results file.")
+@click.option("--batch-size", type=click.IntRange(1, 256), default=8, show_default=True,
+              help="Answers decoded together.")
+@load_options
 @generation_options
-def batch(infile, out, **kwargs):
-    """Answer every {"id", "query"} line of INFILE into OUTPUT (resumable)."""
-    from .store import stderr_progress
+def batch(infile, out, batch_size, **kwargs):
+    """Answer every {"id", "query"} line of INFILE into OUTPUT (resumable, in input order)."""
+    from .progress import progress_bar
 
     items = list(read_batch(infile))
     finished = done_ids(out)
@@ -317,24 +385,44 @@ def batch(infile, out, **kwargs):
                 invalid.append((n, f"duplicate id {item_id!r}"))
             continue
         seen.add(item_id)
-        todo.append((item_id, query))
+        todo.append((n, item_id, query))
+    requests, ids = [], []
+    if todo:
+        options = split_generation(kwargs)
+        assistant = load_assistant(**kwargs, options=options, batch_size=batch_size)
+        for n, item_id, query in todo:
+            try:
+                requests.append(assistant.request(query, no_cache=kwargs["no_cache"]))
+                ids.append(item_id)
+            except UrialError as e:
+                invalid.append((n, str(e)))
     for n, problem in sorted(invalid):
         click.echo(f"{infile}:{n}: {problem}", err=True)
-    if todo:
-        generation = split_generation(kwargs)
-        no_cache = kwargs["no_cache"]
-        assistant = load_assistant(**kwargs, **generation)
-        progress = stderr_progress("answering")
-        progress(0, len(todo))
-        with open(out, "a", encoding="utf-8") as f:
-            for k, (item_id, query) in enumerate(todo, 1):
-                answer = assistant.ask(query, no_cache=no_cache)
-                f.write(json.dumps({"id": item_id, **answer.as_dict()}, ensure_ascii=False) + "\n")
-                f.flush()
-                progress(k, len(todo))
-    click.echo(f"{len(todo)} answered, {len(finished)} already done, {len(invalid)} invalid", err=True)
+    if requests:
+        write_answers(out, ids, assistant.run(requests, batch_size))
+    click.echo(f"{len(requests)} answered, {len(finished)} already done, {len(invalid)} invalid", err=True)
     if invalid:
         sys.exit(EXIT_BATCH_INVALID)
+
+
+def write_answers(out: Path, ids: list, answers) -> None:
+    """Append one JSON line per answer, each flushed to disk before the next (a crash loses none)."""
+    from .progress import progress_bar
+
+    progress = progress_bar("answering")
+    progress(0, len(ids))
+    try:
+        f = open(out, "a", encoding="utf-8")
+    except OSError as e:
+        from .errors import describe_os_error
+
+        raise UrialError(describe_os_error(e, out)) from None
+    with f:
+        for k, (item_id, answer) in enumerate(zip(ids, answers), 1):
+            f.write(json.dumps({"id": item_id, **answer.as_dict()}, ensure_ascii=False) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+            progress(k, len(ids))
 
 
 # -- models ---------------------------------------------------------------------------
@@ -361,7 +449,7 @@ def models_list():
 def models_info(name, path_only):
     """Details of a model (the default when NAME is omitted); the directory is the last line."""
     from .models import model_info
-    from .store import format_size
+    from .units import format_size
 
     info = model_info(name)
     if not path_only:
@@ -380,7 +468,10 @@ def models_info(name, path_only):
 def models_import(file, name, quantize, force):
     """Convert a GGUF file into an MLX model in the store."""
     from .models import default_precision, import_into_store, is_model_dir, parse_precision
-    from .store import format_size, dir_size, models_dir, stderr_progress
+    from .files import dir_size
+    from .paths import models_dir
+    from .progress import progress_bar
+    from .units import format_size
 
     name = name or file.stem
     if "/" in name or name.startswith(".") or not name.strip():
@@ -388,7 +479,7 @@ def models_import(file, name, quantize, force):
     if is_model_dir(models_dir() / name) and not force:
         raise UrialError(f"a model named {name!r} already exists; use --force to replace it")
     bits = default_precision() if quantize is None else parse_precision(quantize)
-    target = import_into_store(file, name, bits, stderr_progress("importing"))
+    target = import_into_store(file, name, bits, progress_bar("importing"))
     click.echo(f"imported {file} as {name!r} ({format_size(dir_size(target))})", err=True)
     click.echo(str(target))
 
@@ -455,7 +546,8 @@ def prompts_tokens(name, model):
 @model_option
 def prompts_validate(path, model):
     """Check a prompt file: format, empty or repeated examples, length and token boundary."""
-    from .models import read_config, resolve_model
+    from .modeling import read_config
+    from .models import resolve_model
     from .prompt import boundary_problems, check, load_prompt, render_prefix
     from .tokenizer import Tokenizer
 
@@ -497,7 +589,7 @@ def cache_build(model, prompt, kv_bits):
 def cache_list():
     """Cache files, newest first."""
     from .prefix_cache import list_caches
-    from .store import format_size
+    from .units import format_size
 
     for row in list_caches():
         if row.get("damaged"):
@@ -527,7 +619,7 @@ def cache_verify():
 def cache_clear(older_than, max_size):
     """Delete cache files (all, or by age / total size)."""
     from .prefix_cache import clear_caches
-    from .store import parse_duration, parse_size
+    from .units import parse_duration, parse_size
 
     removed = clear_caches(parse_duration(older_than) if older_than else None,
                            parse_size(max_size) if max_size else None)
@@ -537,7 +629,7 @@ def cache_clear(older_than, max_size):
 @cache.command("path")
 def cache_path():
     """Print the cache directory."""
-    from .store import cache_dir
+    from .paths import cache_dir
 
     click.echo(str(cache_dir()))
 
@@ -565,29 +657,45 @@ def bench(model, prompt, repeats, out):
 @click.option("--port", type=click.IntRange(0, 65535), default=8412, show_default=True)
 @click.option("--api-key", default=None, envvar="URIAL_EDGE_API_KEY", help="Require 'Authorization: Bearer KEY'.")
 @click.option("--kv-bits", type=click.Choice(["4", "8", "none"]), default="none", show_default=True)
+@click.option("--max-batch", type=click.IntRange(1, 256), default=8, show_default=True,
+              help="Answers decoded together.")
+@click.option("--max-queue", type=click.IntRange(0, 10000), default=32, show_default=True,
+              help="Requests waiting beyond them; more get HTTP 429.")
+@click.option("--state-cache", default="1G", show_default=True, metavar="SIZE",
+              help="Memory for conversation states reused by follow-up requests.")
 @click.option("--status", is_flag=True, help="List running servers and exit.")
 @click.option("--stop", "stop_servers", is_flag=True, help="Stop running servers and exit.")
 @click.option("--verbose", "-v", is_flag=True, help="Log each request to stderr.")
-def serve(model, prompt, host, port, api_key, kv_bits, status, stop_servers, verbose):
+def serve(model, prompt, host, port, api_key, kv_bits, max_batch, max_queue, state_cache, status, stop_servers,
+          verbose):
     """Run a local OpenAI-compatible server with the model and prefix kept warm."""
-    import signal
-
-    from .server import check_host, running_servers, serve as run_server
-
     if status or stop_servers:
-        servers = running_servers()
-        for info in servers:
-            click.echo(f"pid {info['pid']}  http://{info['host']}:{info['port']}  {Path(info['model']).name} / {info['prompt']}")
-            if stop_servers:
-                os.kill(info["pid"], signal.SIGTERM)
-        if not servers:
-            click.echo("no server running", err=True)
-        return
+        return server_status(stop_servers)
+    from .server import check_host, serve as run_server
+    from .units import parse_size
+
     check_host(host, api_key)
-    assistant = load_assistant(model, prompt, kv_bits, no_cache=False)
+    state_bytes = parse_size(state_cache)
+    assistant = load_assistant(model, prompt, kv_bits, no_cache=False, batch_size=max_batch, max_queued=max_queue,
+                               state_bytes=state_bytes)
     run_server(assistant, host, port, api_key, verbose,
                ready=lambda info: click.echo(f"serving {Path(info['model']).name} / {info['prompt']} on "
                                              f"http://{info['host']}:{info['port']}/v1", err=True))
+
+
+def server_status(stop: bool) -> None:
+    """``serve --status`` / ``--stop``: only servers verified as ours are listed or signalled."""
+    from .servers import running_servers, stop as stop_server
+
+    found = running_servers()
+    for info in found:
+        note = "" if info["state"] == "ok" else "  (not answering)"
+        click.echo(f"pid {info['pid']}  http://{info['host']}:{info['port']}  {Path(info['model']).name} / "
+                   f"{info['prompt']}{note}")
+        if stop and stop_server(info):
+            click.echo(f"stopped pid {info['pid']}", err=True)
+    if not found:
+        click.echo("no server running", err=True)
 
 
 # -- doctor ---------------------------------------------------------------------------
@@ -603,7 +711,9 @@ def doctor():
 
     from .models import default_precision, load_registry, models_dir
     from .startup import blas_in_use
-    from .store import cache_dir, dir_size, format_size, home, sessions_dir
+    from .files import dir_size
+    from .paths import cache_dir, home, sessions_dir
+    from .units import format_size
 
     problems = []
 

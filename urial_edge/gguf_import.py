@@ -17,7 +17,9 @@ from typing import Callable, Dict, Optional
 
 import numpy as np
 
-from .store import Progress, UrialError, atomic_dir, one_line, optional_progress
+from .errors import UrialError, one_line
+from .files import atomic_dir
+from .progress import Progress, optional
 
 SUPPORTED_ARCHITECTURES = ("gemma3", "llama")
 FORMAT_VERSION = 1
@@ -260,7 +262,7 @@ def quantize_weights(weights: dict, config: dict, bits: int) -> dict:
     import mlx.nn as nn
     from mlx.utils import tree_flatten
 
-    from .models import build_model
+    from .modeling import build_model
 
     model = build_model(config)
     model.load_weights(list(weights.items()), strict=True)
@@ -294,7 +296,7 @@ def import_gguf(
         raise UrialError(f"{path} has no token embedding tensor; is it a complete model?")
     config = spec.config(meta, tensors)
     backend, tok_config = build_tokenizer(reader, meta["arch"])
-    weights = convert_tensors(reader, spec, config, optional_progress(progress))
+    weights = convert_tensors(reader, spec, config, optional(progress))
     if quantize:
         weights = quantize_weights(weights, config, quantize)
     config["eos_token_id"] = tok_config["eos_token_ids"]

@@ -20,16 +20,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Tuple
 
-from .store import (
-    Progress,
-    UrialError,
-    dir_size,
-    ensure_dir,
-    models_dir,
-    one_line,
-    package_data,
-    stderr_progress,
-)
+from .errors import UrialError
+from .files import dir_size
+from .modeling import read_config, weight_files
+from .paths import ensure_dir, models_dir, package_data
+from .progress import Progress, progress_bar
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -120,7 +115,7 @@ def _bundled(entry: ModelEntry, progress: Optional[Progress]) -> Path:
     sys.stderr.write(f"Converting the bundled model {entry.name} to MLX (once)...\n")
     source = bundled_gguf(entry)
     path = import_into_store(
-        source, entry.name, default_precision(), progress or stderr_progress("converting")
+        source, entry.name, default_precision(), progress or progress_bar("converting")
     )
     source.unlink(missing_ok=True)
     return path
@@ -133,7 +128,7 @@ def _gguf(path: Path, progress: Optional[Progress]) -> Path:
     if info.get("source") == str(path.resolve()) and info.get("source_size") == stat.st_size:
         return target
     sys.stderr.write(f"Importing {path} into the model store (once)...\n")
-    import_into_store(path.resolve(), path.stem, default_precision(), progress or stderr_progress("importing"))
+    import_into_store(path.resolve(), path.stem, default_precision(), progress or progress_bar("importing"))
     _record_source_size(target, stat.st_size)
     return target
 
@@ -198,17 +193,6 @@ def read_info(path: Path) -> dict:
         return {}
 
 
-def read_config(path: Path) -> dict:
-    try:
-        return json.loads((path / "config.json").read_text())
-    except (OSError, ValueError) as e:
-        raise UrialError(f"cannot read {path / 'config.json'}: {e}") from None
-
-
-def weight_files(path: Path) -> list:
-    return sorted(path.glob("model*.safetensors")) or sorted(path.glob("*.safetensors"))
-
-
 def model_fingerprint(path: Path) -> str:
     """A cheap identity of a model's weights and config.
 
@@ -224,61 +208,6 @@ def model_fingerprint(path: Path) -> str:
             st = f.stat()
             h.update(f"{f.name}:{st.st_size}:{st.st_mtime_ns}".encode())
     return h.hexdigest()
-
-
-def _model_classes(model_type: str):
-    try:
-        arch = importlib.import_module(f"mlx_lm.models.{model_type}")
-    except ImportError:
-        from mlx_lm.utils import MODEL_REMAPPING
-
-        remapped = MODEL_REMAPPING.get(model_type)
-        try:
-            arch = importlib.import_module(f"mlx_lm.models.{remapped}")
-        except (ImportError, ValueError):
-            raise UrialError(f"model type {model_type!r} is not supported by mlx-lm") from None
-    return arch.Model, arch.ModelArgs
-
-
-def build_model(config: dict):
-    """Instantiate mlx-lm's model class for ``config`` (weights uninitialised)."""
-    model_class, args_class = _model_classes(config["model_type"])
-    return model_class(args_class.from_dict(config))
-
-
-def load_model(path: Path):
-    """Load an MLX model directory. Returns ``(model, config)``."""
-    import mlx.core as mx
-    import mlx.nn as nn
-
-    config = read_config(path)
-    files = weight_files(path)
-    if not files:
-        raise UrialError(f"no weights (*.safetensors) in {path}")
-    weights = {}
-    for f in files:
-        try:
-            weights.update(mx.load(str(f)))
-        except Exception as e:
-            raise UrialError(f"cannot read weights {f}: {e}") from None
-    model = build_model(config)
-    if hasattr(model, "sanitize"):
-        weights = model.sanitize(weights)
-    quant = config.get("quantization")
-    if quant:
-        nn.quantize(
-            model,
-            group_size=quant["group_size"],
-            bits=quant["bits"],
-            class_predicate=lambda p, m: hasattr(m, "to_quantized") and f"{p}.scales" in weights,
-        )
-    try:
-        model.load_weights(list(weights.items()), strict=True)
-    except ValueError as e:
-        raise UrialError(f"weights in {path} do not match the model: {one_line(e)}") from None
-    model.eval()
-    mx.eval(model.parameters())
-    return model, config
 
 
 def list_models() -> list:

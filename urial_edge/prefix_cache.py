@@ -7,36 +7,46 @@ and a new file is built; a stale file is never used.
 
 Files are mlx-lm prompt caches (``mlx_lm.models.cache.load_prompt_cache`` reads
 them) whose metadata also records, in plain words, what they were built from,
-plus a checksum of the tensor data. A file that fails to load, fails its
-checksum or does not fit the loaded model is rebuilt with a one-line warning.
+the key, a hash of the token ids and a checksum of the tensor data. On load all
+of it is checked: a file that fails to load, fails its checksum, carries another
+key or other tokens (a file copied over another), or does not fit the loaded
+model is rebuilt with a one-line warning, so an answer never comes from a state
+that is not the one asked for.
+
+The folder is kept under a size cap (``URIAL_EDGE_CACHE_MAX``, default 2G):
+after a new file is saved, the least recently used ones beyond it are removed.
 """
 
 import contextlib
 import hashlib
 import json
 import os
-import sys
 import time
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import List, Optional
 
-from .generate import prefill
-from .store import Progress, UrialError, atomic_file, cache_dir, describe_os_error, ensure_dir, one_line
-
-
 import mlx.core as mx
-from mlx.utils import tree_flatten, tree_map
+from mlx.utils import tree_flatten
 from mlx_lm.models import cache as mlx_cache
 
-FORMAT_VERSION = 1
+from .errors import UrialError, describe_os_error, one_line
+from .files import atomic_file, file_lock, is_temporary, remove_stale_temporaries
+from .log import warn
+from .modeling import model_dtype, prefill
+from .paths import cache_dir, ensure_dir
+from .progress import Progress
+from .units import parse_size
+
+FORMAT_VERSION = 2
 KV_GROUP_SIZE = 64
+DEFAULT_MAX_BYTES = "2G"
 
 
 @dataclass
 class PrefixCache:
-    """A loaded prefix state. Use :meth:`fresh` for every request."""
+    """A loaded prefix state, shared read-only by every request that starts from it."""
 
     key: str
     tokens: List[int]
@@ -46,11 +56,30 @@ class PrefixCache:
     seconds: float
 
     def fresh(self) -> list:
-        """An independent copy of the prefix state that a request may extend."""
-        return copy_cache(self.state)
+        """The state as float caches a request can start from (quantized layers dequantized)."""
+        return [dequantized(c) for c in self.state]
+
+
+def dequantized(c):
+    """A float ``KVCache`` with the contents of a ``QuantizedKVCache`` (other caches as they are).
+
+    mlx-lm's batch caches hold float keys and values, so a quantized prefix is
+    stored small and expanded per request.
+    """
+    if not isinstance(c, mlx_cache.QuantizedKVCache):
+        return c
+    out = mlx_cache.KVCache()
+    if c.keys is not None:
+        out.keys = mx.dequantize(*c.keys, group_size=c.group_size, bits=c.bits)[..., :c.offset, :]
+        out.values = mx.dequantize(*c.values, group_size=c.group_size, bits=c.bits)[..., :c.offset, :]
+    out.offset = c.offset
+    return out
 
 
 def copy_cache(cache: list) -> list:
+    """An independent copy of a list of single-sequence caches."""
+    from mlx.utils import tree_map
+
     def copy(x):
         return mx.array(x) if isinstance(x, mx.array) else x
 
@@ -63,16 +92,24 @@ def library_versions() -> dict:
     return {"mlx": mx.__version__, "mlx_lm": mlx_lm_version}
 
 
-def cache_key(model_id: str, tokenizer_id: str, tokens: List[int], kv_bits: Optional[int]) -> str:
+def tokens_digest(tokens: List[int]) -> str:
+    return hashlib.sha256(json.dumps(list(tokens)).encode()).hexdigest()
+
+
+def cache_key(model_id: str, tokenizer_id: str, tokens: List[int], kv_bits: Optional[int],
+              shard: Optional[dict] = None) -> str:
+    """The content key; ``shard`` (rank, world size, mode) separates the slices of a sharded model."""
     parts = {
         "format": FORMAT_VERSION,
         "model": model_id,
         "tokenizer": tokenizer_id,
-        "tokens": hashlib.sha256(json.dumps(tokens).encode()).hexdigest(),
+        "tokens": tokens_digest(tokens),
         "kv_bits": kv_bits,
         "kv_group_size": KV_GROUP_SIZE if kv_bits else None,
         "libraries": library_versions(),
     }
+    if shard:
+        parts["shard"] = shard
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:32]
 
 
@@ -120,12 +157,6 @@ def check_fits(cache: list, model, kv_bits: Optional[int], n_tokens: int) -> Opt
     return None
 
 
-def model_dtype(model):
-    """The dtype activations (and so the KV cache) have: that of the norm weights."""
-    params = tree_flatten(model.parameters())
-    return next((v.dtype for k, v in params if k.endswith("norm.weight")), params[0][1].dtype)
-
-
 def build(model, tokens: List[int], kv_bits: Optional[int], progress: Optional[Progress] = None) -> list:
     cache = make_cache(model, kv_bits)
     prefill(model, tokens, cache, progress)
@@ -133,16 +164,11 @@ def build(model, tokens: List[int], kv_bits: Optional[int], progress: Optional[P
 
 
 def save(path: Path, cache: list, metadata: dict) -> None:
-    """Write the cache atomically (temporary file, then rename)."""
+    """Write the cache atomically and durably, with a checksum of its data."""
     meta = {k: v if isinstance(v, str) else json.dumps(v) for k, v in metadata.items()}
     meta["checksum"] = checksum(cache)
-    with atomic_file(path) as tmp:
-        staged = tmp.with_name(tmp.name + ".safetensors")
-        try:
-            mlx_cache.save_prompt_cache(str(staged), cache, meta)
-            os.replace(staged, tmp)
-        finally:
-            staged.unlink(missing_ok=True)
+    with atomic_file(path, suffix=".safetensors") as tmp:
+        mlx_cache.save_prompt_cache(str(tmp), cache, meta)
 
 
 def load(path: Path) -> tuple:
@@ -156,28 +182,6 @@ def load(path: Path) -> tuple:
     return cache, meta
 
 
-def warn(message: str) -> None:
-    sys.stderr.write(f"warning: {' '.join(message.split())}\n")
-
-
-@contextlib.contextmanager
-def build_lock(path: Path):
-    """Serialise builders of the same key across processes (best effort)."""
-    try:
-        import fcntl
-
-        f = open(path.with_suffix(".lock"), "w")
-    except (ImportError, OSError):
-        yield
-        return
-    try:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        yield
-    finally:
-        fcntl.flock(f, fcntl.LOCK_UN)
-        f.close()
-
-
 def load_or_build(
     model,
     tokens: List[int],
@@ -187,41 +191,47 @@ def load_or_build(
     kv_bits: Optional[int] = None,
     use_disk: bool = True,
     progress: Optional[Progress] = None,
+    shard: Optional[dict] = None,
 ) -> PrefixCache:
     """Return the prefix state for ``tokens``: from disk when valid, else built (and saved)."""
     if kv_bits not in (None, 4, 8):
         raise UrialError(f"invalid KV cache bits {kv_bits!r}: use 4, 8 or none")
     started = time.perf_counter()
-    key = cache_key(model_id, tokenizer_id, tokens, kv_bits)
+    key = cache_key(model_id, tokenizer_id, tokens, kv_bits, shard)
     path = cache_dir() / f"{key}.safetensors"
     if not use_disk:
         return PrefixCache(key, tokens, build(model, tokens, kv_bits, progress), path, False,
                            time.perf_counter() - started)
     seen = _mtime(path)
-    found = _try_load(path, model, kv_bits, tokens)
+    found = _try_load(path, key, model, kv_bits, tokens)
     if found is not None:
         return PrefixCache(key, tokens, found, path, True, time.perf_counter() - started)
     writable = _writable_dir(cache_dir())
-    with build_lock(path) if writable else contextlib.nullcontext():
+    lock = file_lock(path.with_suffix(".lock")) if writable else None
+    with lock if lock is not None else contextlib.nullcontext():
         if writable and _mtime(path) != seen:  # another process built it meanwhile
-            found = _try_load(path, model, kv_bits, tokens)
+            found = _try_load(path, key, model, kv_bits, tokens)
         if found is not None:
             return PrefixCache(key, tokens, found, path, True, time.perf_counter() - started)
         cache = build(model, tokens, kv_bits, progress)
         metadata = {
             **description,
             "prefix_tokens": len(tokens),
+            "tokens_sha256": tokens_digest(tokens),
             "kv_bits": kv_bits or "none",
             "format_version": FORMAT_VERSION,
             "libraries": library_versions(),
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "key": key,
+            **({"shard": shard} if shard else {}),
         }
         if writable:
             try:
                 save(path, cache, metadata)
             except UrialError as e:
                 warn(f"prefix cache not saved: {e}")
+    if writable:
+        enforce_limit(keep=path)
     return PrefixCache(key, tokens, cache, path, False, time.perf_counter() - started)
 
 
@@ -244,7 +254,16 @@ def _writable_dir(path: Path) -> bool:
     return True
 
 
-def _try_load(path: Path, model, kv_bits: Optional[int], tokens: List[int]) -> Optional[list]:
+def identity_problem(meta: dict, key: str, tokens: List[int]) -> Optional[str]:
+    """Why a file's metadata says it holds something other than ``key`` / ``tokens`` (None if it does not)."""
+    if meta.get("key") != key:
+        return "its metadata names another key (a file copied over this one?)"
+    if meta.get("tokens_sha256") != tokens_digest(tokens):
+        return "it holds other tokens than this prompt's"
+    return None
+
+
+def _try_load(path: Path, key: str, model, kv_bits: Optional[int], tokens: List[int]) -> Optional[list]:
     if not path.exists():
         return None
     try:
@@ -252,19 +271,59 @@ def _try_load(path: Path, model, kv_bits: Optional[int], tokens: List[int]) -> O
     except ValueError as e:
         warn(f"prefix cache {path.name} {e}; rebuilding it")
         return None
+    problem = identity_problem(meta, key, tokens)
+    if problem:
+        warn(f"prefix cache {path.name} is not this prompt's state ({problem}); rebuilding it")
+        return None
     problem = check_fits(cache, model, kv_bits, len(tokens))
     if problem:
         warn(f"prefix cache {path.name} does not fit this model ({problem}); rebuilding it")
         return None
+    _touch(path)
     return cache
+
+
+def _touch(path: Path) -> None:
+    """Mark a file as used (its access time) for the size cap; the modification time stays."""
+    try:
+        st = path.stat()
+        os.utime(path, ns=(time.time_ns(), st.st_mtime_ns))
+    except OSError:
+        pass
+
+
+def _cache_files() -> List[Path]:
+    folder = cache_dir()
+    if not folder.is_dir():
+        return []
+    return [f for f in folder.glob("*.safetensors") if not is_temporary(f)]
+
+
+def _last_used(f: Path) -> float:
+    st = f.stat()
+    return max(st.st_atime, st.st_mtime)
+
+
+def max_bytes() -> int:
+    """The cap on the cache folder's size (``URIAL_EDGE_CACHE_MAX``, e.g. ``500M``; ``0`` for none)."""
+    return parse_size(os.environ.get("URIAL_EDGE_CACHE_MAX") or DEFAULT_MAX_BYTES)
+
+
+def enforce_limit(keep: Optional[Path] = None) -> List[Path]:
+    """Remove the least recently used cache files beyond :func:`max_bytes` (never ``keep``)."""
+    try:
+        limit = max_bytes()
+    except UrialError as e:
+        warn(f"URIAL_EDGE_CACHE_MAX ignored: {e}")
+        return []
+    if not limit:
+        return []
+    return clear_caches(max_size=limit, keep=keep)
 
 
 def list_caches() -> List[dict]:
     rows = []
-    folder = cache_dir()
-    if not folder.is_dir():
-        return rows
-    for f in sorted(folder.glob("*.safetensors"), key=lambda p: p.stat().st_mtime, reverse=True):
+    for f in sorted(_cache_files(), key=lambda p: p.stat().st_mtime, reverse=True):
         st = f.stat()
         row = {"key": f.stem, "path": str(f), "size": st.st_size, "modified": st.st_mtime}
         try:
@@ -277,10 +336,9 @@ def list_caches() -> List[dict]:
 
 
 def verify_caches() -> List[tuple]:
-    """``(path, problem or None)`` for every cache file."""
+    """``(path, problem or None)`` for every cache file (temporary files of writers are skipped)."""
     results = []
-    folder = cache_dir()
-    for f in sorted(folder.glob("*.safetensors")) if folder.is_dir() else []:
+    for f in sorted(_cache_files()):
         try:
             _, meta = load(f)
             problem = None if meta.get("key") == f.stem else "its name does not match its key"
@@ -290,19 +348,22 @@ def verify_caches() -> List[tuple]:
     return results
 
 
-def clear_caches(older_than: Optional[float] = None, max_size: Optional[int] = None) -> List[Path]:
-    """Delete cache files: all, those unused for ``older_than`` seconds, or the oldest beyond ``max_size`` bytes."""
-    folder = cache_dir()
-    if not folder.is_dir():
-        return []
-    files = sorted(folder.glob("*.safetensors"), key=lambda p: p.stat().st_atime, reverse=True)
+def clear_caches(older_than: Optional[float] = None, max_size: Optional[int] = None,
+                 keep: Optional[Path] = None) -> List[Path]:
+    """Delete cache files: all, those unused for ``older_than`` seconds, or the least recently used
+    beyond ``max_size`` bytes. Temporary files left by killed writers go too."""
+    files = sorted(_cache_files(), key=_last_used, reverse=True)
+    if keep is not None and keep in files:  # the file just written counts first
+        files.remove(keep)
+        files.insert(0, keep)
     now = time.time()
     doomed = []
     total = 0
     for f in files:
-        st = f.stat()
-        total += st.st_size
-        if older_than is not None and now - max(st.st_atime, st.st_mtime) > older_than:
+        total += f.stat().st_size
+        if f == keep:
+            continue
+        if older_than is not None and now - _last_used(f) > older_than:
             doomed.append(f)
         elif max_size is not None and total > max_size:
             doomed.append(f)
@@ -311,7 +372,6 @@ def clear_caches(older_than: Optional[float] = None, max_size: Optional[int] = N
     for f in doomed:
         f.unlink(missing_ok=True)
         f.with_suffix(".lock").unlink(missing_ok=True)
-    for tmp in folder.glob(".*.tmp*"):
-        if now - tmp.stat().st_mtime > 3600:
-            tmp.unlink(missing_ok=True)
+    stale = older_than if older_than is not None else 0.0
+    remove_stale_temporaries(cache_dir(), min(stale, 600.0) if max_size is None else 600.0)
     return doomed

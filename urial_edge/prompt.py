@@ -35,7 +35,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import List, Optional, Sequence, Tuple
 
-from .store import UrialError, package_data
+from .errors import UrialError
+from .paths import package_data
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -92,29 +93,25 @@ def render_turn(query: str, answer: Optional[str] = None) -> str:
     return render_block(QUERY, query) + render_block(ANSWER, answer)
 
 
-def render_prefix(prompt: Prompt, system_extra: str = "") -> str:
+def render_prefix(prompt: Prompt) -> str:
     """The fixed text that is cached: instruction, system prompt and examples."""
-    system = prompt.system.strip()
-    if system_extra.strip():
-        system = f"{system}\n\n{system_extra.strip()}"
-    text = f"{INSTRUCTION}\n\n{escape(system)}\n\n"
+    text = f"{INSTRUCTION}\n\n{escape(prompt.system.strip())}\n\n"
     return text + "".join(render_turn(e.query, e.answer) for e in prompt.examples)
+
+
+def render_system(text: str) -> str:
+    """A further instruction block (an API system message), placed after the cached prefix.
+
+    Putting it after the examples keeps the prefix's KV state shared: only
+    these tokens are prefilled, and a repeated system message is found again
+    in the conversation-state cache.
+    """
+    return f"{INSTRUCTION}\n\n{escape(text.strip())}\n\n"
 
 
 def render_history(history: Sequence[Tuple[str, str]], query: str) -> str:
     """Finished turns followed by the live query, to be appended to the prefix."""
     return "".join(render_turn(q, a) for q, a in history) + render_turn(query)
-
-
-def clean_answer(text: str) -> str:
-    """Cut generated text at the closing fence or a new query header, and trim it."""
-    if text.startswith(FENCE):
-        return ""
-    for stop in STOP_STRINGS:
-        i = text.find(stop)
-        if i >= 0:
-            text = text[:i]
-    return text.strip()
 
 
 def parse(text: str) -> Tuple[str, List[Tuple[str, Optional[str]]]]:

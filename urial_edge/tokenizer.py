@@ -28,7 +28,9 @@ from typing import Iterable, List, Optional
 
 import mlx.core as mx
 
-from .store import UrialError, atomic_file, home, write_text_atomic
+from .errors import UrialError
+from .files import atomic_file, write_text_atomic
+from .paths import tokenizers_dir
 
 INDEX_VERSION = 11
 BPE_OPTIONS = ("unk_token", "continuing_subword_prefix", "end_of_word_suffix", "fuse_unk", "byte_fallback",
@@ -40,10 +42,6 @@ def _token_text(value) -> Optional[str]:
     if isinstance(value, dict):
         return value.get("content")
     return value
-
-
-def index_dir() -> Path:
-    return home() / "tokenizers"
 
 
 class Tokenizer:
@@ -58,12 +56,12 @@ class Tokenizer:
         self._full = None
         self._path = path
         self.key = key
-        index = load_index(index_dir() / f"{key}.npz")
+        index = load_index(tokenizers_dir() / f"{key}.npz")
         if index is None:
             raw = _read_bytes(path)
             self._full = _build_full(raw, path)
             index = make_index(json.loads(raw), self._full, config, model_config)
-            save_index(index_dir() / f"{key}.npz", index)
+            save_index(tokenizers_dir() / f"{key}.npz", index)
         meta = index["meta"]
         self.bos_id, self.add_bos, self.eos_ids = meta["bos_id"], meta["add_bos"], set(meta["eos_ids"])
         self.vocab_size = meta["vocab_size"]
@@ -86,7 +84,7 @@ class Tokenizer:
         ``remember`` keeps the ids in the store (checksummed) so that later
         processes skip tokenizing this text: meant for the fixed URIAL prefix.
         """
-        memo = index_dir() / f"{self.key}.{hashlib.sha256(text.encode()).hexdigest()[:32]}.json" if remember else None
+        memo = tokenizers_dir() / f"{self.key}.{hashlib.sha256(text.encode()).hexdigest()[:32]}.json" if remember else None
         ids = _read_memo(memo) if memo else None
         if ids is None:
             tok = self._full or self._lazy.tokenizer_for(text)
@@ -136,7 +134,7 @@ def file_digest(path: Path) -> str:
     except OSError as e:
         raise UrialError(f"cannot load tokenizer {path}: {e.strerror or e}") from None
     stamp = [str(path.resolve()), st.st_size, st.st_mtime_ns, st.st_ino]
-    memo = index_dir() / f"{hashlib.sha256(json.dumps(stamp).encode()).hexdigest()[:32]}.digest"
+    memo = tokenizers_dir() / f"{hashlib.sha256(json.dumps(stamp).encode()).hexdigest()[:32]}.digest"
     try:
         digest = memo.read_text()
         if re.fullmatch(r"[0-9a-f]{64}", digest):
