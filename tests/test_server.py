@@ -199,3 +199,135 @@ def test_chat_uses_the_running_server(server):
     local = subprocess.run(base + ["--no-daemon"], input=script, capture_output=True, text=True, env=env, check=True)
     assert "using the server" in via.stderr and "using the server" not in local.stderr
     assert via.stdout == local.stdout
+
+
+# -- one declaration of the options reaches every path -------------------------------------------
+
+CLI_VALUES = {"max_tokens": ("7", 7), "temperature": ("0.7", 0.7), "top_p": ("0.9", 0.9),
+              "repetition_penalty": ("1.2", 1.2), "repetition_context": ("16", 16), "seed": ("5", 5),
+              "stop": ("zz", ["zz"])}
+
+
+def test_every_cli_option_reaches_the_in_process_and_the_daemon_path(server):
+    from dataclasses import fields
+
+    from urial_edge.options import GenerationOptions, option_spec
+
+    assert set(CLI_VALUES) == {f.name for f in fields(GenerationOptions)}  # a new option needs a value here
+    env = {**os.environ, "URIAL_EDGE_HOME": str(server["home"])}
+    argv = [sys.executable, "-m", "urial_edge.cli", "ask", "--model", str(server["model"]), "--prompt",
+            str(server["prompt"]), "--json"]
+    for name, (text, _) in CLI_VALUES.items():
+        argv += [option_spec(name).flags[0], text]
+    argv.append("Name a river.")
+    via = json.loads(subprocess.run(argv, capture_output=True, text=True, env=env, check=True).stdout)
+    local = json.loads(subprocess.run(argv + ["--no-daemon"], capture_output=True, text=True, env=env,
+                                      check=True).stdout)
+    assert "daemon" in via["stats"] and "daemon" not in local["stats"]
+    expected = {option_spec(n).json_keys[0] if option_spec(n).json_keys else n: v for n, (_, v) in CLI_VALUES.items()}
+    assert local["options"] == expected and via["options"] == expected
+    assert via["text"] == local["text"] and via["tokens"] == local["tokens"] <= 7
+
+
+def test_a_preset_reaches_the_daemon_path_too(server):
+    env = {**os.environ, "URIAL_EDGE_HOME": str(server["home"])}
+    argv = [sys.executable, "-m", "urial_edge.cli", "ask", "--model", str(server["model"]), "--prompt",
+            str(server["prompt"]), "--json", "--preset", "urial-greedy", "--max-tokens", "6", "Hello?"]
+    via = json.loads(subprocess.run(argv, capture_output=True, text=True, env=env, check=True).stdout)
+    assert via["options"]["repetition_penalty"] == 1.15 and via["options"]["repetition_context"] == 0
+    assert via["options"]["max_tokens"] == 6
+
+
+# -- under load ----------------------------------------------------------------------------------
+
+LONG = "Count to ten."  # on the tiny llama model this greedy answer runs to about 1,900 tokens
+
+
+@pytest.fixture(scope="module")
+def narrow(tmp_path_factory, tiny_llama):
+    """A server with one slot and no queue: a second request while one runs gets 429."""
+    home = tmp_path_factory.mktemp("narrow-home")
+    prompt = home / "tiny.toml"
+    prompt.write_text(PROMPT)
+    proc, host, port = start_server(home, tiny_llama, prompt, "--max-batch", "1", "--max-queue", "0")
+    yield {"proc": proc, "host": host, "port": port, "home": home}
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=30) == 0
+
+
+def open_stream(info, content, max_tokens=4096):
+    body = json.dumps({"messages": [{"role": "user", "content": content}], "max_tokens": max_tokens,
+                       "stream": True}).encode()
+    sock = socket.create_connection((info["host"], info["port"]), timeout=60)
+    sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                 + f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
+    data = b""
+    while b"data: " not in data:
+        data += sock.recv(4096)
+    return sock
+
+
+def wait_idle(info, timeout=10.0):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        health = raw(info, "GET", "/health")[1]
+        if health["active"] == 0 and health["waiting"] == 0:
+            return health
+        time.sleep(0.05)
+    raise AssertionError(f"still busy: {health}")
+
+
+def test_past_the_queue_a_request_gets_429_with_retry_after(narrow):
+    long = open_stream(narrow, LONG)
+    try:
+        conn = http.client.HTTPConnection(narrow["host"], narrow["port"], timeout=60)
+        conn.request("POST", "/v1/chat/completions", json.dumps({"messages": [{"role": "user", "content": "Hi"}]}),
+                     {"Content-Type": "application/json"})
+        r = conn.getresponse()
+        data = json.loads(r.read())
+        assert r.status == 429 and int(r.getheader("Retry-After")) >= 1
+        assert data["error"]["type"] == "rate_limit_error" and "busy" in data["error"]["message"]
+    finally:
+        long.close()
+    wait_idle(narrow)
+
+
+@pytest.mark.parametrize("streaming", [True, False])
+def test_a_client_that_leaves_frees_its_slot(narrow, streaming):
+    before = raw(narrow, "GET", "/health")[1]["finished"]["cancelled"]
+    if streaming:
+        sock = open_stream(narrow, LONG)
+    else:
+        body = json.dumps({"messages": [{"role": "user", "content": LONG}], "max_tokens": 4096}).encode()
+        sock = socket.create_connection((narrow["host"], narrow["port"]))
+        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     + f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
+        time.sleep(0.3)
+    sock.close()
+    health = wait_idle(narrow, timeout=5.0)
+    assert health["finished"]["cancelled"] == before + 1  # cancelled, not run to its ~1,900 tokens
+    assert chat(narrow, [{"role": "user", "content": "Hi"}]).choices[0].message.content is not None
+
+
+@pytest.fixture(scope="module")
+def wide(tmp_path_factory, tiny_llama):
+    """A server with the default batch of 8 on the tiny llama model (whose LONG answer is long)."""
+    home = tmp_path_factory.mktemp("wide-home")
+    prompt = home / "tiny.toml"
+    prompt.write_text(PROMPT)
+    proc, host, port = start_server(home, tiny_llama, prompt)
+    yield {"proc": proc, "host": host, "port": port, "home": home}
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=30) == 0
+
+
+def test_a_short_request_is_answered_while_a_long_one_runs(wide):
+    long = open_stream(wide, LONG)
+    try:
+        short = chat(wide, [{"role": "user", "content": "Hi"}])
+        assert short.choices[0].finish_reason in ("stop", "length")
+        health = raw(wide, "GET", "/health")[1]
+        assert health["active"] == 1  # the long answer still runs: the short one did not wait for its end
+    finally:
+        long.close()
+    wait_idle(wide)

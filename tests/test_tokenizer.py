@@ -183,3 +183,18 @@ def test_replaced_tokenizer_file_is_noticed(tmp_path, home):
     for memo in tokenizers_dir().glob("*.digest"):
         memo.write_text("garbage")  # a damaged memo is ignored
     assert Tokenizer(model).fingerprint == after.fingerprint
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.one_of(st.lists(st.integers(min_value=0, max_value=800), max_size=40),
+                 st.text(max_size=40).map(lambda t: ["text", t])))
+def test_streaming_detokenizer_equals_full_decode(pair, ids):
+    """Token by token (byte fallback, split characters, leading spaces) the pieces join to decode(ids)."""
+    from urial_edge.output import StreamingDetokenizer
+
+    for tok in pair:
+        token_ids = tok.encode(ids[1]) if ids[:1] == ["text"] else ids
+        d = StreamingDetokenizer(tok)
+        pieces = [d.add(t) for t in token_ids]
+        assert "".join(pieces) + d.flush() == tok.decode(token_ids)
+        assert all("\ufffd" not in p for p in pieces) or "\ufffd" in tok.decode(token_ids)

@@ -70,9 +70,13 @@ class AnswerStream:
         self.answer: Optional[Answer] = None
 
     def __iter__(self) -> Iterator[str]:
-        for piece in self._pieces:
-            self._text.append(piece)
-            yield piece
+        try:
+            for piece in self._pieces:
+                self._text.append(piece)
+                yield piece
+        except GeneratorExit:  # the consumer stopped reading: stop generating too
+            self.cancel()
+            raise
         self.answer = self._result("".join(self._text).strip())
         if self._on_done:
             self._on_done(self.answer)

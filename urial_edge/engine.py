@@ -253,6 +253,7 @@ class Engine:
         self.inputs: Optional[mx.array] = None  # the token each row feeds at the next step
         self.priming: List[bool] = []  # the row's input is its last prompt token (nothing to hand out)
         self.steps = 0
+        self.finished = {"stop": 0, "length": 0, "cancelled": 0, "error": 0}  # answers by how they ended
         self._answer_seconds = 0.0  # recent answers' mean duration, for Retry-After
         self._driver: Optional[threading.Thread] = None
         self._stepping = threading.Lock()
@@ -272,12 +273,15 @@ class Engine:
         text = AnswerText(self.tokenizer, self.eos_ids, request.options.stop, request.framed)
         seq = Sequence(self, request, text, min(request.options.max_tokens, left))
         with self._lock:
-            if self.max_queued is not None and len(self.waiting) >= self.max_queued:
+            if self.max_queued is not None and len(self.waiting) >= self.max_queued + self._free_slots():
                 raise EngineBusy(f"busy: {len(self.active)} answers running and {len(self.waiting)} waiting",
                                  retry_after=max(1, math.ceil(self._answer_seconds)))
             self.waiting.append(seq)
             self._lock.notify_all()
         return seq
+
+    def _free_slots(self) -> int:
+        return max(0, self.max_active - len(self.active) - (len(self.group.seqs) if self.group else 0))
 
     def wake(self) -> None:
         with self._lock:
@@ -307,7 +311,8 @@ class Engine:
     @property
     def load(self) -> dict:
         return {"active": len(self.active) + (len(self.group.seqs) if self.group else 0),
-                "waiting": len(self.waiting), "max_active": self.max_active, "max_queued": self.max_queued}
+                "waiting": len(self.waiting), "max_active": self.max_active, "max_queued": self.max_queued,
+                "finished": dict(self.finished)}
 
     def _drive(self) -> None:
         while True:
@@ -326,6 +331,7 @@ class Engine:
         self.active, self.priming, self.cache, self.inputs, self.group = [], [], None, None, None
 
     def _finished(self, seq: Sequence) -> None:
+        self.finished[seq.finish_reason] += 1
         self._answer_seconds = 0.8 * self._answer_seconds + 0.2 * seq.stats.total_seconds
 
     # -- one step ----------------------------------------------------------------------

@@ -1,0 +1,153 @@
+"""The batched engine on tiny random-weight models: exactness, joining and leaving, cancellation, limits."""
+
+import threading
+
+import pytest
+from conftest import make_tiny_model
+from urial_edge.assistant import Assistant
+from urial_edge.engine import Engine, EngineBusy, Request
+from urial_edge.errors import UrialError
+
+PROMPT = '''name = "tiny"
+system = "You are a helpful assistant. Answer briefly and clearly."
+[[examples]]
+query = "What is one plus one?"
+answer = "One plus one is two."
+'''
+
+# different lengths on purpose: prompts of one batch are padded to the longest
+QUERIES = ["Hi?", "Name a colour.", "What is the tallest mountain on Earth and how tall is it?", "x",
+           "Tell me about rivers, lakes and the sea, in some detail please.", "Why is the sky blue?",
+           "2+2?", "Write a short poem about the moon and the stars at night."]
+
+
+@pytest.fixture(params=["gemma3", "llama"])
+def bot(request, home, tmp_path):
+    """gemma3: five sliding-window layers of 16 tokens (RotatingKVCache) and a global one; llama: plain caches."""
+    (tmp_path / "tiny.toml").write_text(PROMPT)
+    model = make_tiny_model(tmp_path / request.param, request.param)
+    return Assistant.load(str(model), str(tmp_path / "tiny.toml"), max_tokens=40, stop=["\x00none"])
+
+
+def test_batched_greedy_answers_equal_single_answers_token_for_token(bot):
+    single = [bot.ask(q) for q in QUERIES]
+    assert len({len(a.token_ids) for a in single}) > 1 or all(a.tokens == 40 for a in single)
+    for size in (2, 3, 8):  # 2 and 3: more queries than slots, so sequences join and leave mid-way
+        batched = list(bot.batch(QUERIES, batch_size=size))
+        assert [a.token_ids for a in batched] == [a.token_ids for a in single], size
+        assert [a.text for a in batched] == [a.text for a in single]
+        assert max(a.stats.batch_size for a in batched) == min(size, len(QUERIES))
+
+
+def test_answers_longer_than_the_sliding_window_stay_exact(bot):
+    long = "Count slowly: " + " ".join(str(i) for i in range(40))  # well past the 16-token window
+    single = [bot.ask(q, max_tokens=60) for q in (long, QUERIES[0])]
+    batched = list(bot.batch([long, QUERIES[0]], max_tokens=60))
+    assert [a.token_ids for a in batched] == [a.token_ids for a in single]
+
+
+def test_cached_and_full_prefill_agree_inside_a_batch(bot):
+    full = [bot.ask(q, no_cache=True) for q in QUERIES[:4]]
+    batched = list(bot.batch(QUERIES[:4], no_cache=True))
+    cached = list(bot.batch(QUERIES[:4]))
+    assert [a.token_ids for a in full] == [a.token_ids for a in batched] == [a.token_ids for a in cached]
+
+
+def test_each_answer_keeps_its_own_options(bot):
+    alone = [bot.ask(QUERIES[0], max_tokens=5), bot.ask(QUERIES[1], repetition_penalty=1.0),
+             bot.ask(QUERIES[2], temperature=0.9, seed=7), bot.ask(QUERIES[3], repetition_context=0,
+                                                                    repetition_penalty=1.3)]
+    requests = [bot.request(QUERIES[0], max_tokens=5), bot.request(QUERIES[1], repetition_penalty=1.0),
+                bot.request(QUERIES[2], temperature=0.9, seed=7),
+                bot.request(QUERIES[3], repetition_context=0, repetition_penalty=1.3)]
+    together = list(bot.run(requests, batch_size=4))
+    assert [a.token_ids for a in together] == [a.token_ids for a in alone]
+    assert together[0].tokens <= 5 and together[0].finish_reason in ("length", "stop")
+    assert together[2].options["seed"] == 7 and together[2].options["temperature"] == 0.9
+
+
+def test_a_seed_gives_the_same_sample_whatever_runs_beside_it(bot):
+    a = bot.ask(QUERIES[1], temperature=1.0, seed=3)
+    b = list(bot.run([bot.request(QUERIES[0]), bot.request(QUERIES[1], temperature=1.0, seed=3)]))[1]
+    c = bot.ask(QUERIES[1], temperature=1.0, seed=4)
+    assert a.token_ids == b.token_ids
+    assert a.token_ids != c.token_ids  # another seed samples otherwise (tiny random models are far from greedy)
+
+
+def test_cancelled_answer_leaves_at_the_next_step_and_others_go_on(bot):
+    engine = bot.engine
+    seqs = [engine.submit(bot.request(q, max_tokens=30)) for q in QUERIES[:3]]
+    it = iter(seqs[1])
+    while not seqs[1].token_ids:
+        engine.step()
+    seqs[1].cancel()
+    steps_before = engine.steps
+    engine.step()
+    assert seqs[1].finish_reason == "cancelled" and seqs[1] not in engine.active
+    assert engine.steps == steps_before + 1
+    rest = [list(s) for s in (seqs[0], seqs[2])]
+    assert all(s.finish_reason in ("stop", "length") for s in (seqs[0], seqs[2]))
+    assert "".join(rest[0]).strip() == bot.ask(QUERIES[0], max_tokens=30).text
+    del it
+
+
+def test_stream_closed_early_cancels_its_sequence(bot):
+    stream = bot.stream(QUERIES[4], max_tokens=40)
+    pieces = iter(stream)
+    next(pieces)
+    pieces.close()  # a consumer that stops reading
+    bot.engine.step()
+    assert not bot.engine.active and not bot.engine.waiting
+
+
+def test_bounded_queue_refuses_with_a_retry_hint(home, tiny_llama, tmp_path):
+    (tmp_path / "tiny.toml").write_text(PROMPT)
+    bot = Assistant.load(str(tiny_llama), str(tmp_path / "tiny.toml"), max_tokens=8, batch_size=1, max_queued=1)
+    first = [bot.engine.submit(bot.request(q)) for q in QUERIES[:2]]
+    with pytest.raises(EngineBusy) as busy:
+        bot.engine.submit(bot.request(QUERIES[2]))
+    assert busy.value.retry_after >= 1 and "busy" in str(busy.value)
+    for s in first:
+        list(s)
+    assert all(s.finish_reason in ("stop", "length") for s in first)
+    assert first[1].stats.queue_seconds > 0
+
+
+def test_waiting_time_is_in_the_stats(bot):
+    answers = list(bot.batch(QUERIES[:4], batch_size=1))
+    assert answers[0].stats.queue_seconds < answers[3].stats.queue_seconds
+    assert all(a.stats.ttft >= a.stats.queue_seconds for a in answers)
+
+
+def test_many_threads_share_one_driven_engine(bot):
+    bot.start()
+    expected = {q: bot.ask(q).text for q in QUERIES[:4]}
+    results, errors = {}, []
+
+    def worker(q):
+        try:
+            results[q] = bot.ask(q).text
+        except Exception as e:  # noqa: BLE001 - asserted below
+            errors.append(e)
+
+    threads = [threading.Thread(target=worker, args=(q,)) for q in QUERIES[:4]]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert not errors and results == expected
+
+
+def test_bad_requests_are_refused_before_queueing(bot):
+    with pytest.raises(UrialError, match="no tokens"):
+        bot.engine.submit(Request([]))
+    with pytest.raises(UrialError, match="context"):
+        bot.engine.submit(Request([1] * 5000))
+    with pytest.raises(UrialError, match="query 2"):
+        list(bot.batch(["ok?", "  "]))
+    assert not bot.engine.waiting
+
+
+def test_batch_size_must_be_positive(home, tiny_llama):
+    with pytest.raises(UrialError, match="at least 1"):
+        Engine(None, None, [], 100, max_active=0)
