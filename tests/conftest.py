@@ -4,8 +4,13 @@ The bundled model is converted once per test session into a session-wide store
 (``URIAL_EDGE_HOME``); tests that need an empty or broken store use ``home``.
 """
 
+import http.client
 import json
 import os
+import re
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -106,3 +111,55 @@ def bundled(bundled_home, monkeypatch):
     """Use the shared store with the converted bundled model."""
     monkeypatch.setenv("URIAL_EDGE_HOME", str(bundled_home))
     return bundled_home / "models" / "gemma-3-270m"
+
+
+TINY_PROMPT = '''name = "tiny"
+system = "You are a helpful assistant. Answer briefly and clearly."
+[[examples]]
+query = "What is one plus one?"
+answer = "One plus one is two."
+'''
+
+
+@pytest.fixture
+def prompt_file(tmp_path):
+    f = tmp_path / "tiny.toml"
+    f.write_text(TINY_PROMPT)
+    return str(f)
+
+
+def start_server(home, model, prompt_file, *extra):
+    """``urial-edge serve`` in a subprocess on a free port; returns (process, host, port)."""
+    env = {**os.environ, "URIAL_EDGE_HOME": str(home)}
+    cmd = [sys.executable, "-m", "urial_edge.cli", "serve", "--model", str(model), "--prompt", str(prompt_file),
+           "--port", "0", *extra]
+    proc = subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        line = proc.stderr.readline()
+        m = re.search(r"on http://([\d.]+):(\d+)/v1", line or "")
+        if m:
+            return proc, m.group(1), int(m.group(2))
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited: {proc.stderr.read()}")
+    raise RuntimeError("server did not start")
+
+
+def stop_server(proc) -> str:
+    """SIGTERM the server; it must exit cleanly. Returns what it wrote on stderr after starting."""
+    import signal
+
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err
+    return err
+
+
+def raw(server, method, path, body=None, headers=None):
+    """One HTTP request; returns (status, JSON body)."""
+    conn = http.client.HTTPConnection(server["host"], server["port"], timeout=60)
+    conn.request(method, path, body, headers or {})
+    r = conn.getresponse()
+    data = r.read()
+    conn.close()
+    return r.status, json.loads(data)

@@ -6,21 +6,8 @@ from conftest import make_tiny_model
 from urial_edge.assistant import Assistant
 from urial_edge.errors import UrialError
 
-PROMPT = '''name = "tiny"
-system = "You are a helpful assistant. Answer briefly and clearly."
-[[examples]]
-query = "What is one plus one?"
-answer = "One plus one is two."
-'''
 
 MESSAGES = ["Hello there, who are you?", "Tell me about rivers.", "And mountains?"]
-
-
-@pytest.fixture
-def prompt_file(tmp_path):
-    f = tmp_path / "tiny.toml"
-    f.write_text(PROMPT)
-    return str(f)
 
 
 def load(path, prompt_file, **options):

@@ -8,21 +8,14 @@ import sys
 import pytest
 from click.testing import CliRunner
 
+from conftest import TINY_PROMPT
 from urial_edge.cli import cli
 
-PROMPT = '''name = "tiny"
-system = "You are a helpful assistant."
-[[examples]]
-query = "What is one plus one?"
-answer = "One plus one is two."
-'''
 
 
 @pytest.fixture
-def args(home, tiny_llama, tmp_path):
-    f = tmp_path / "tiny.toml"
-    f.write_text(PROMPT)
-    return ["--model", str(tiny_llama), "--prompt", str(f), "--max-tokens", "8"]
+def args(home, tiny_llama, prompt_file):
+    return ["--model", str(tiny_llama), "--prompt", prompt_file, "--max-tokens", "8"]
 
 
 def run(*argv, input=None):
@@ -169,7 +162,7 @@ def test_validate_reports_each_problem_on_its_own_line(home, tiny_llama, tmp_pat
     problems = result.stdout.strip().splitlines()
     assert len(problems) == 2 and "repeats" in problems[0] and "fence" in problems[1]
     good = tmp_path / "good.toml"
-    good.write_text(PROMPT)
+    good.write_text(TINY_PROMPT)
     assert run("prompts", "validate", str(good), "--model", str(tiny_llama)).exit_code == 0
 
 

@@ -8,12 +8,6 @@ from urial_edge.assistant import Assistant
 from urial_edge.engine import Engine, EngineBusy, Request
 from urial_edge.errors import UrialError
 
-PROMPT = '''name = "tiny"
-system = "You are a helpful assistant. Answer briefly and clearly."
-[[examples]]
-query = "What is one plus one?"
-answer = "One plus one is two."
-'''
 
 # different lengths on purpose: prompts of one batch are padded to the longest
 QUERIES = ["Hi?", "Name a colour.", "What is the tallest mountain on Earth and how tall is it?", "x",
@@ -22,11 +16,10 @@ QUERIES = ["Hi?", "Name a colour.", "What is the tallest mountain on Earth and h
 
 
 @pytest.fixture(params=["gemma3", "llama"])
-def bot(request, home, tmp_path):
+def bot(request, home, tmp_path, prompt_file):
     """gemma3: five sliding-window layers of 16 tokens (RotatingKVCache) and a global one; llama: plain caches."""
-    (tmp_path / "tiny.toml").write_text(PROMPT)
     model = make_tiny_model(tmp_path / request.param, request.param)
-    return Assistant.load(str(model), str(tmp_path / "tiny.toml"), max_tokens=40, stop=["\x00none"])
+    return Assistant.load(str(model), prompt_file, max_tokens=40, stop=["\x00none"])
 
 
 def test_batched_greedy_answers_equal_single_answers_token_for_token(bot):
@@ -100,9 +93,8 @@ def test_stream_closed_early_cancels_its_sequence(bot):
     assert not bot.engine.active and not bot.engine.waiting
 
 
-def test_bounded_queue_refuses_with_a_retry_hint(home, tiny_llama, tmp_path):
-    (tmp_path / "tiny.toml").write_text(PROMPT)
-    bot = Assistant.load(str(tiny_llama), str(tmp_path / "tiny.toml"), max_tokens=8, batch_size=1, max_queued=1)
+def test_bounded_queue_refuses_with_a_retry_hint(home, tiny_llama, prompt_file):
+    bot = Assistant.load(str(tiny_llama), prompt_file, max_tokens=8, batch_size=1, max_queued=1)
     first = [bot.engine.submit(bot.request(q)) for q in QUERIES[:2]]
     with pytest.raises(EngineBusy) as busy:
         bot.engine.submit(bot.request(QUERIES[2]))

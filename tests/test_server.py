@@ -3,7 +3,6 @@
 import http.client
 import json
 import os
-import re
 import signal
 import socket
 import subprocess
@@ -13,31 +12,9 @@ import time
 
 import pytest
 
+from conftest import TINY_PROMPT as PROMPT, raw, start_server, stop_server
+
 openai = pytest.importorskip("openai")
-
-PROMPT = '''name = "tiny"
-system = "You are a helpful assistant."
-[[examples]]
-query = "What is one plus one?"
-answer = "One plus one is two."
-'''
-
-
-def start_server(home, model, prompt_file, *extra):
-    env = {**os.environ, "URIAL_EDGE_HOME": str(home)}
-    cmd = [sys.executable, "-m", "urial_edge.cli", "serve", "--model", str(model), "--prompt", str(prompt_file),
-           "--port", "0", *extra]
-    proc = subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        line = proc.stderr.readline()
-        m = re.search(r"on http://([\d.]+):(\d+)/v1", line or "")
-        if m:
-            return proc, m.group(1), int(m.group(2))
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited: {proc.stderr.read()}")
-    raise RuntimeError("server did not start")
-
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, tiny_gemma):
@@ -46,21 +23,11 @@ def server(tmp_path_factory, tiny_gemma):
     prompt.write_text(PROMPT)
     proc, host, port = start_server(home, tiny_gemma, prompt)
     yield {"proc": proc, "host": host, "port": port, "home": home, "prompt": prompt, "model": tiny_gemma}
-    proc.send_signal(signal.SIGTERM)
-    assert proc.wait(timeout=30) == 0  # SIGTERM shuts down cleanly
+    assert "Traceback" not in stop_server(proc)  # SIGTERM shuts down cleanly, and nothing went wrong
 
 
 def client(server, key="none"):
     return openai.OpenAI(base_url=f"http://{server['host']}:{server['port']}/v1", api_key=key, max_retries=0)
-
-
-def raw(server, method, path, body=None, headers=None):
-    conn = http.client.HTTPConnection(server["host"], server["port"], timeout=60)
-    conn.request(method, path, body, headers or {})
-    r = conn.getresponse()
-    data = r.read()
-    conn.close()
-    return r.status, json.loads(data)
 
 
 def chat(server, messages, **kw):
@@ -251,8 +218,7 @@ def narrow(tmp_path_factory, tiny_llama):
     prompt.write_text(PROMPT)
     proc, host, port = start_server(home, tiny_llama, prompt, "--max-batch", "1", "--max-queue", "0")
     yield {"proc": proc, "host": host, "port": port, "home": home}
-    proc.send_signal(signal.SIGTERM)
-    assert proc.wait(timeout=30) == 0
+    assert "Traceback" not in stop_server(proc)
 
 
 def open_stream(info, content, max_tokens=4096):
@@ -317,8 +283,7 @@ def wide(tmp_path_factory, tiny_llama):
     prompt.write_text(PROMPT)
     proc, host, port = start_server(home, tiny_llama, prompt)
     yield {"proc": proc, "host": host, "port": port, "home": home}
-    proc.send_signal(signal.SIGTERM)
-    assert proc.wait(timeout=30) == 0
+    assert "Traceback" not in stop_server(proc)
 
 
 def test_a_short_request_is_answered_while_a_long_one_runs(wide):

@@ -198,12 +198,17 @@ def running_server_for(kwargs: dict):
 
     if not any(servers_dir().glob("*.json")):  # cheap check before resolving anything
         return None
+    from .log import warn
     from .models import resolve_model
     from .prompt import load_prompt, render_prefix
     from .servers import find_server
 
     prefix = render_prefix(load_prompt(kwargs["prompt"]))
-    return find_server(resolve_model(kwargs["model"]), prefix, kv_bits_of(kwargs["kv_bits"]))
+    info, silent = find_server(resolve_model(kwargs["model"]), prefix, kv_bits_of(kwargs["kv_bits"]))
+    if info is None:
+        for s in silent:
+            warn(f"the server at {s['host']}:{s['port']} (pid {s['pid']}) does not answer; answering here")
+    return info
 
 
 def daemon_stream(kwargs: dict, messages: list, options):

@@ -191,6 +191,8 @@ class Handler(BaseHTTPRequestHandler):
     def send_error(self, code, message=None, explain=None):
         """http.server's own errors (a bad request line, oversized headers, ...) in the same JSON shape."""
         self.close_connection = True
+        if self.request_version == "HTTP/0.9":  # an unparseable request line: answer with a status line anyway
+            self.request_version = "HTTP/1.0"
         self.send_error_json(code, message or self.responses.get(code, ("error",))[0])
 
     def authorized(self) -> bool:
@@ -226,19 +228,27 @@ class Handler(BaseHTTPRequestHandler):
         return body
 
     def discard(self, length: int) -> None:
-        """Read and drop a refused body (up to DRAIN_LIMIT), so that the client can read our answer."""
-        left = min(length, DRAIN_LIMIT)
-        while left > 0:
-            chunk = self.rfile.read(min(left, 1 << 16))
-            if not chunk:
-                break
-            left -= len(chunk)
+        """Read and drop a refused body that is not absurdly large, so that the client can read our answer."""
+        if length > DRAIN_LIMIT:
+            return
+        self.connection.settimeout(2.0)
+        try:
+            while length > 0:
+                chunk = self.rfile.read(min(length, 1 << 16))
+                if not chunk:
+                    break
+                length -= len(chunk)
+        except (socket.timeout, OSError):
+            pass
 
     # routes
     def do_GET(self):
         if self.path == "/health":
+            states = self.server.assistant.states
             return self.send_json(200, {"status": "ok", "model": self.server.model_name, "pid": os.getpid(),
-                                        "token": self.server.token, **self.server.assistant.engine.load})
+                                        "token": self.server.token, **self.server.assistant.engine.load,
+                                        "states": {"count": len(states), "bytes": states.nbytes,
+                                                   "max_bytes": states.max_bytes}})
         if not self.authorized():
             return
         if self.path == "/v1/models":
@@ -258,7 +268,7 @@ class Handler(BaseHTTPRequestHandler):
                 return self.send_error_json(404, f"no route {self.path}")
             route(self.read_body())
         except BadRequest as e:
-            self.close_connection = e.status in (411, 413) or self.close_connection
+            self.close_connection = True  # the body may be unread: the connection cannot be reused
             self.send_error_json(e.status, str(e), e.param, e.headers)
         except EngineBusy as e:
             self.send_error_json(429, str(e), headers={"Retry-After": str(e.retry_after)})

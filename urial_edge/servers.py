@@ -126,18 +126,22 @@ def running_servers() -> List[dict]:
     return out
 
 
-def find_server(model_path: Path, prefix_text: str, kv_bits: Optional[int]) -> Optional[dict]:
-    """A verified, answering server for this model, prompt and KV precision (without an API key)."""
+def find_server(model_path: Path, prefix_text: str, kv_bits: Optional[int]) -> Tuple[Optional[dict], List[dict]]:
+    """A verified, answering server for this model, prompt and KV precision (without an API key), and
+    the records of our own servers for it that do not answer (stopped or hung)."""
     key = server_key(model_path, prefix_text)
+    silent = []
     for f, info in records():
         if info.get("key") != key or info.get("api_key") or info.get("kv_bits") != kv_bits:
             continue
         state = check(info)
         if state == "ok":
-            return info
+            return info, silent
         if state == "stale":
             f.unlink(missing_ok=True)
-    return None
+        else:
+            silent.append(info)
+    return None, silent
 
 
 def stop(info: dict) -> bool:

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import List, Optional, Tuple
 
 from .errors import UrialError
+from .files import remove_stale_temporaries
 from .log import warn
 from .paths import sessions_dir
 
@@ -67,6 +68,7 @@ def save(record: SessionRecord, state: list) -> Path:
     meta = {"format": FORMAT, "session": json.dumps(record.__dict__), "ids_sha256": tokens_digest(record.ids),
             "saved": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     prefix_cache.save(path, state, meta)
+    remove_stale_temporaries(path.parent)  # left by writers that were killed mid-save
     return path
 
 
@@ -109,9 +111,13 @@ def load(name: str) -> Optional[Tuple[SessionRecord, Optional[list]]]:
     except Exception:  # unreadable tensors: the turns may still be in the header
         state, meta = None, _header_metadata(path)
     try:
-        record = _record(json.loads(meta["session"]), name)
+        data = json.loads(meta["session"])
+        record = _record(data, name)
     except (KeyError, TypeError, ValueError):
         raise UrialError(f"session {name!r} is damaged ({path})") from None
+    if data.get("name") != name:
+        warn(f"session file {path.name} holds the conversation saved as {str(data.get('name'))[:40]!r} "
+             "(a file copied over another?); resuming that conversation")
     if state is None or meta.get("checksum") != checksum(state):
         warn(f"session {name!r}: its KV state is damaged; rebuilding it from its turns")
         return record, None
