@@ -7,10 +7,6 @@ The bundled model is converted once per test session into a session-wide store
 import http.client
 import json
 import os
-import re
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -130,19 +126,11 @@ def prompt_file(tmp_path):
 
 def start_server(home, model, prompt_file, *extra):
     """``urial-edge serve`` in a subprocess on a free port; returns (process, host, port)."""
-    env = {**os.environ, "URIAL_EDGE_HOME": str(home)}
-    cmd = [sys.executable, "-m", "urial_edge.cli", "serve", "--model", str(model), "--prompt", str(prompt_file),
-           "--port", "0", *extra]
-    proc = subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        line = proc.stderr.readline()
-        m = re.search(r"on http://([\d.]+):(\d+)/v1", line or "")
-        if m:
-            return proc, m.group(1), int(m.group(2))
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited: {proc.stderr.read()}")
-    raise RuntimeError("server did not start")
+    from urial_edge.servers import launch
+
+    proc, info = launch(["--model", str(model), "--prompt", str(prompt_file), *extra],
+                        env={**os.environ, "URIAL_EDGE_HOME": str(home)}, timeout=120)
+    return proc, info["host"], info["port"]
 
 
 def stop_server(proc) -> str:

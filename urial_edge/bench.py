@@ -125,22 +125,21 @@ def run_suite(model: str = None, prompt: str = None, repeats: int = 3, out: Path
     }
     warm.update(server_latency(bot, spec, repeats))
     decode = decode_speeds(bot, decode_tokens)
-    result = summarise(rows, warm, decode)
+    batching = batch_rows(bot, spec, decode_tokens)
+    result = summarise(rows, warm, decode, batching)
     write(result, out)
     return result
 
 
 def server_latency(bot, spec: List[str], repeats: int) -> dict:
     """Time to first token through a warm ``urial-edge serve`` vs prefilling the query alone."""
-    import re
-
     import mlx.core as mx
 
     from .modeling import prefill
     from .options import GenerationOptions
     from .prefix_cache import copy_cache
     from .prompt import render_turn
-    from .servers import stream_chat
+    from .servers import launch, stream_chat
 
     queries = [f"{QUERY} (variant {i})" for i in range(repeats)]
     prefill_s = []
@@ -151,16 +150,9 @@ def server_latency(bot, spec: List[str], repeats: int) -> dict:
         prefill(bot.model, ids[:-1], cache)
         mx.eval(bot.model(mx.array(ids[-1:])[None], cache=cache)[:, -1, :])
         prefill_s.append(time.perf_counter() - start)
-    proc = subprocess.Popen([sys.executable, "-m", "urial_edge.cli", "serve", *spec, "--port", "0"],
-                            stderr=subprocess.PIPE, text=True)
+    proc, info = launch(spec)
     try:
-        line = ""
-        while "http://" not in line:
-            line = proc.stderr.readline()
-            if not line and proc.poll() is not None:
-                raise RuntimeError("the server did not start")
-        host, port = re.search(r"http://([\d.]+):(\d+)", line).groups()
-        info, options = {"host": host, "port": int(port)}, GenerationOptions(max_tokens=1).to_json()
+        options = GenerationOptions(max_tokens=1).to_json()
         list(stream_chat(info, {"messages": [{"role": "user", "content": "warm up"}], **options}))
         ttft = []
         for q in queries:
@@ -198,7 +190,16 @@ def decode_speeds(bot, n: int) -> dict:
             "tokens (urial-edge, mlx-lm)": [best[0], best_theirs[0]]}
 
 
-def summarise(rows: dict, warm: dict, decode: dict) -> dict:
+def batch_rows(bot, spec: List[str], tokens: int) -> dict:
+    """Eight answers at once: batched vs one at a time vs mlx_lm.batch_generate, and a server with 8 clients."""
+    from . import bench_batch
+
+    throughput = bench_batch.throughput(bot, sizes=(8,), max_tokens=tokens, repeats=1)
+    server = bench_batch.server_rows(spec, clients=(1, 8), max_tokens=tokens, repeats=1)
+    return {"throughput": throughput, "server": server, "ratios": bench_batch.summary(throughput, server)}
+
+
+def summarise(rows: dict, warm: dict, decode: dict, batching: dict) -> dict:
     from .prefix_cache import library_versions
     from .startup import blas_in_use
 
@@ -212,12 +213,14 @@ def summarise(rows: dict, warm: dict, decode: dict) -> dict:
         "decode urial-edge / mlx-lm": decode["urial-edge decode tok/s"] / decode["mlx-lm stream_generate decode tok/s"],
         "server ttft / query forward": warm["server ttft (warm, over HTTP)"] / warm["query forward (model only)"],
         "server ttft / cold cached ask": warm["server ttft (warm, over HTTP)"] / cached,
+        **batching["ratios"],
     }
     import platform
 
     machine = {"platform": platform.platform(), "cpus": os.cpu_count(), "python": platform.python_version(),
                **library_versions(), "blas": blas_in_use(), "date": time.strftime("%Y-%m-%d %H:%M:%S")}
-    return {"machine": machine, "cold": cold, "warm": warm, "decode": decode, "ratios": ratios}
+    return {"machine": machine, "cold": cold, "warm": warm, "decode": decode, "batching": batching,
+            "ratios": ratios}
 
 
 def write(result: dict, out: Path) -> None:
@@ -234,6 +237,14 @@ def write(result: dict, out: Path) -> None:
     lines += ["", "| in process | value |", "|---|---|"]
     lines += [f"| {k} | {v:.3f} |" if isinstance(v, float) else f"| {k} | {v} |"
               for k, v in {**result["warm"], **result["decode"]}.items()]
+    batch = result["batching"]["throughput"][0]
+    lines += ["", f"| {batch['queries']} queries, {batch['max_tokens']} tokens each | tokens/s |", "|---|---|",
+              f"| urial-edge, batched | {batch['batched_tps']:.1f} |",
+              f"| urial-edge, one at a time | {batch['sequential_tps']:.1f} |",
+              f"| mlx_lm.batch_generate, same prefix caches | {batch['mlx_lm_batch_tps']:.1f} |"]
+    lines += ["", "| server clients | tokens/s | ttft p50 s | ttft p95 s |", "|---|---|---|---|"]
+    lines += [f"| {r['clients']} | {r['tps']:.1f} | {r['ttft_p50']:.2f} | {r['ttft_p95']:.2f} |"
+              for r in result["batching"]["server"]["concurrency"]]
     lines += ["", "| ratio | value |", "|---|---|"]
     lines += [f"| {k} | {v:.2f} |" for k, v in result["ratios"].items()]
     lines += ["", "Machine: " + ", ".join(f"{k} {v}" for k, v in result["machine"].items())]

@@ -1,0 +1,152 @@
+"""Host time per generated token, on a tiny model where the model's own step takes well under a millisecond.
+
+    python benchmarks/bench_host.py [--tokens 2000] [--repeats 3]
+
+On Apple Silicon one decode step of a small model takes a few milliseconds, so the Python work around
+it (sampling bookkeeping, detokenizing, stop strings, streaming) decides the rate. A tiny random-weight
+llama model stands in for that here: the same prompt is streamed to ``--tokens`` tokens by
+urial-edge (``Assistant.stream``, text pieces included) and by ``mlx_lm.stream_generate`` (with its
+streaming detokenizer), and the wall time per token is taken over tokens 100-200 and over the last
+100. Flat means the second equals the first: no work that grows with the answer.
+
+Writes results/host.{json,md,png}.
+"""
+
+import urial_edge  # noqa: F401  (first: it sets up the optimised BLAS before MLX loads)
+import argparse
+import json
+import tempfile
+import time
+from pathlib import Path
+
+from common import RESULTS, write_results
+
+CONFIG = {  # a small llama: a decode step costs about what a 270M model's does on a fast GPU
+    "model_type": "llama", "hidden_size": 256, "num_hidden_layers": 4, "intermediate_size": 512,
+    "num_attention_heads": 4, "num_key_value_heads": 2, "rms_norm_eps": 1e-5, "vocab_size": 259,
+    "rope_theta": 1e4, "max_position_embeddings": 16384, "tie_word_embeddings": False,
+}
+PROMPT = "name = \"t\"\nsystem = \"You are helpful.\"\n"
+
+
+def make_model(folder: Path) -> Path:
+    """A random-weight model with a byte-level tokenizer whose end-of-sequence id never comes up."""
+    import mlx.core as mx
+    from mlx.utils import tree_flatten
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    from urial_edge.modeling import build_model
+
+    folder.mkdir(parents=True, exist_ok=True)
+    mx.random.seed(1)
+    model = build_model(CONFIG)
+    weights = dict(tree_flatten(model.parameters()))
+    weights["lm_head.weight"][1] = 0  # EOS (id 1) scores 0: greedy never picks it over a positive logit
+    mx.save_safetensors(str(folder / "model.safetensors"), weights)
+    (folder / "config.json").write_text(json.dumps(CONFIG))
+    vocab = {"<pad>": 0, "<eos>": 1, "<bos>": 2}
+    for ch in pre_tokenizers.ByteLevel.alphabet():
+        vocab[ch] = len(vocab)
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.save(str(folder / "tokenizer.json"))
+    (folder / "tokenizer_config.json").write_text(json.dumps(
+        {"bos_token": "<bos>", "eos_token": "<eos>", "add_bos_token": True, "tokenizer_class": "PreTrainedTokenizerFast"}))
+    return folder
+
+
+def per_token(times: list, first: int, last: int) -> float:
+    """Mean seconds per token between token ``first`` and token ``last`` (1-based counts)."""
+    return (times[last - 1] - times[first - 1]) / (last - first)
+
+
+def ours(bot, tokens: int) -> list:
+    """Wall-clock time at which each token's text had been handed to the consumer."""
+    from urial_edge.bench_batch import equal_work
+
+    seq = bot.engine.submit(equal_work(bot, ["Tell me everything."], tokens)[0])
+    times = []
+    for _ in seq:  # text pieces, as Assistant.stream hands them out
+        now = time.perf_counter()
+        times += [now] * (len(seq.token_ids) - len(times))
+    return times
+
+
+def theirs(bot, tokens: int) -> list:
+    from mlx_lm import stream_generate
+    from mlx_lm.tokenizer_utils import TokenizerWrapper
+    from transformers import PreTrainedTokenizerFast
+
+    from urial_edge import prompt as urial
+
+    wrapper = TokenizerWrapper(PreTrainedTokenizerFast(tokenizer_file=str(bot.model_path / "tokenizer.json")))
+    ids = bot.prefix_ids + bot.tokenizer.encode(urial.render_turn("Tell me everything."))
+    times = []
+    for _ in stream_generate(bot.model, wrapper, ids, max_tokens=tokens):
+        times.append(time.perf_counter())
+    return times
+
+
+def model_only(bot, tokens: int) -> list:
+    """The model's own share: one forward pass and an argmax per token, nothing else (no overlap)."""
+    import mlx.core as mx
+
+    from urial_edge.bench_batch import equal_work
+    from urial_edge.prefix_cache import copy_cache
+
+    request = equal_work(bot, ["Tell me everything."], tokens)[0]
+    cache = copy_cache(request.cache)
+    bot.model(mx.array(request.tokens[:-1])[None], cache=cache)
+    y = mx.array(request.tokens[-1:])
+    times = []
+    for _ in range(tokens):
+        y = mx.argmax(bot.model(y[None], cache=cache)[:, -1, :], axis=-1)
+        mx.eval(y)
+        times.append(time.perf_counter())
+    return times
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--tokens", type=int, default=2000)
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+    import os
+
+    from urial_edge.assistant import Assistant
+
+    with tempfile.TemporaryDirectory() as tmp:
+        os.environ["URIAL_EDGE_HOME"] = str(Path(tmp) / "home")
+        (Path(tmp) / "p.toml").write_text(PROMPT)
+        bot = Assistant.load(str(make_model(Path(tmp) / "model")), str(Path(tmp) / "p.toml"))
+        generators = {"urial-edge": ours, "mlx_lm.stream_generate": theirs, "model only (reference)": model_only}
+        runs = {name: [] for name in generators}
+        for name, run in generators.items():
+            run(bot, 50)  # warm up
+        for _ in range(args.repeats):  # in turns
+            for name, run in generators.items():
+                runs[name].append(run(bot, args.tokens))
+    n = args.tokens
+    rows = []
+    for name, all_times in runs.items():
+        assert all(len(t) == n for t in all_times), (name, [len(t) for t in all_times])
+        early = min(per_token(t, 100, 200) for t in all_times) * 1e3
+        late = min(per_token(t, n - 100, n) for t in all_times) * 1e3
+        whole = min(per_token(t, 1, n) for t in all_times) * 1e3
+        rows.append({"generator": name, "ms/token, tokens 100-200": early, f"ms/token, tokens {n - 100}-{n}": late,
+                     "late / early": late / early, "ms/token overall": whole})
+    ratio = rows[0]["ms/token overall"] / rows[1]["ms/token overall"]
+    overhead = {r["generator"]: r["ms/token overall"] - rows[2]["ms/token overall"] for r in rows[:2]}
+    notes = (f"Host time per token outside the model (overall minus the model-only row): urial-edge "
+             f"{overhead['urial-edge']:.2f} ms, mlx-lm {overhead['mlx_lm.stream_generate']:.2f} ms. "
+             f"Tiny random llama ({CONFIG['num_hidden_layers']} layers, hidden {CONFIG['hidden_size']}), greedy, "
+             f"{n} tokens, best of {args.repeats} runs in turns. urial-edge / mlx-lm time per token overall: "
+             f"{ratio:.2f}.")
+    md = write_results("host", rows, list(rows[0]), "Host time per token (tiny model)", notes,
+                       extra={"urial-edge / mlx-lm": ratio, "host ms/token outside the model": overhead})
+    print(md.read_text())
+
+
+if __name__ == "__main__":
+    main()
