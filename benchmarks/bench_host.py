@@ -14,45 +14,33 @@ Writes results/host.{json,md,png}.
 
 import urial_edge  # noqa: F401  (first: it sets up the optimised BLAS before MLX loads)
 import argparse
-import json
 import tempfile
 import time
 from pathlib import Path
 
 from common import RESULTS, write_results
 
-CONFIG = {  # a small llama: a decode step costs about what a 270M model's does on a fast GPU
-    "model_type": "llama", "hidden_size": 256, "num_hidden_layers": 4, "intermediate_size": 512,
-    "num_attention_heads": 4, "num_key_value_heads": 2, "rms_norm_eps": 1e-5, "vocab_size": 259,
-    "rope_theta": 1e4, "max_position_embeddings": 16384, "tie_word_embeddings": False,
-}
+SIZE = {"hidden_size": 256, "num_hidden_layers": 4, "intermediate_size": 512, "num_attention_heads": 4,
+        "num_key_value_heads": 2, "max_position_embeddings": 16384}  # a step costs about a small model's on a GPU
 PROMPT = "name = \"t\"\nsystem = \"You are helpful.\"\n"
 
 
 def make_model(folder: Path) -> Path:
-    """A random-weight model with a byte-level tokenizer whose end-of-sequence id never comes up."""
+    """A tiny llama that only ever picks printable ASCII bytes: every run is exactly as long (no EOS) and
+    every token is a character (no byte sequences that never decode)."""
     import mlx.core as mx
-    from mlx.utils import tree_flatten
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
-    from urial_edge.modeling import build_model
+    from urial_edge.tiny_models import make_tiny_model
+    from urial_edge.tokenizer import Tokenizer
 
-    folder.mkdir(parents=True, exist_ok=True)
-    mx.random.seed(1)
-    model = build_model(CONFIG)
-    weights = dict(tree_flatten(model.parameters()))
-    weights["lm_head.weight"][1] = 0  # EOS (id 1) scores 0: greedy never picks it over a positive logit
+    make_tiny_model(folder, "llama", seed=1, **SIZE)
+    tok = Tokenizer(folder)
+    weights = mx.load(str(folder / "model.safetensors"))
+    for i in range(SIZE.get("vocab_size", 259)):
+        text = tok.decode([i])
+        if not (len(text) == 1 and text.isascii() and text.isprintable()):
+            weights["lm_head.weight"][i] = -10.0
     mx.save_safetensors(str(folder / "model.safetensors"), weights)
-    (folder / "config.json").write_text(json.dumps(CONFIG))
-    vocab = {"<pad>": 0, "<eos>": 1, "<bos>": 2}
-    for ch in pre_tokenizers.ByteLevel.alphabet():
-        vocab[ch] = len(vocab)
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
-    tok.decoder = decoders.ByteLevel()
-    tok.save(str(folder / "tokenizer.json"))
-    (folder / "tokenizer_config.json").write_text(json.dumps(
-        {"bos_token": "<bos>", "eos_token": "<eos>", "add_bos_token": True, "tokenizer_class": "PreTrainedTokenizerFast"}))
     return folder
 
 
@@ -140,7 +128,7 @@ def main():
     overhead = {r["generator"]: r["ms/token overall"] - rows[2]["ms/token overall"] for r in rows[:2]}
     notes = (f"Host time per token outside the model (overall minus the model-only row): urial-edge "
              f"{overhead['urial-edge']:.2f} ms, mlx-lm {overhead['mlx_lm.stream_generate']:.2f} ms. "
-             f"Tiny random llama ({CONFIG['num_hidden_layers']} layers, hidden {CONFIG['hidden_size']}), greedy, "
+             f"Tiny random llama ({SIZE['num_hidden_layers']} layers, hidden {SIZE['hidden_size']}), greedy, "
              f"{n} tokens, best of {args.repeats} runs in turns. urial-edge / mlx-lm time per token overall: "
              f"{ratio:.2f}.")
     md = write_results("host", rows, list(rows[0]), "Host time per token (tiny model)", notes,

@@ -4,6 +4,7 @@ The bundled model is converted once per test session into a session-wide store
 (``URIAL_EDGE_HOME``); tests that need an empty or broken store use ``home``.
 """
 
+import contextlib
 import http.client
 import json
 import os
@@ -12,57 +13,7 @@ from pathlib import Path
 import pytest
 
 import urial_edge  # noqa: F401  (sets up BLAS and light imports before MLX loads)
-import mlx.core as mx
-from mlx.utils import tree_flatten
-
-TINY_CONFIGS = {
-    # 5 sliding-window layers (RotatingKVCache, window 16) and 1 global layer (KVCache)
-    "gemma3": {
-        "model_type": "gemma3_text", "hidden_size": 64, "num_hidden_layers": 6, "intermediate_size": 128,
-        "num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": 32, "rms_norm_eps": 1e-6,
-        "vocab_size": 259, "rope_theta": 1e6, "rope_local_base_freq": 1e4, "query_pre_attn_scalar": 32,
-        "sliding_window": 16, "sliding_window_pattern": 6, "max_position_embeddings": 2048,
-    },
-    # every layer a plain KVCache
-    "llama": {
-        "model_type": "llama", "hidden_size": 128, "num_hidden_layers": 2, "intermediate_size": 128,
-        "num_attention_heads": 2, "num_key_value_heads": 1, "rms_norm_eps": 1e-5, "vocab_size": 259,
-        "rope_theta": 1e4, "max_position_embeddings": 2048, "tie_word_embeddings": False,
-    },
-}
-
-
-def write_byte_tokenizer(path: Path) -> None:
-    """A byte-level BPE tokenizer with no merges: 3 special tokens plus the 256 byte symbols."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-
-    vocab = {"<pad>": 0, "<eos>": 1, "<bos>": 2}
-    for ch in pre_tokenizers.ByteLevel.alphabet():
-        vocab[ch] = len(vocab)
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
-    tok.decoder = decoders.ByteLevel()
-    tok.save(str(path / "tokenizer.json"))
-    (path / "tokenizer_config.json").write_text(json.dumps(
-        {"bos_token": "<bos>", "eos_token": "<eos>", "add_bos_token": True}))
-
-
-def make_tiny_model(path: Path, arch: str = "gemma3", seed: int = 0, **overrides) -> Path:
-    """Write a random-weight MLX model directory for ``arch``."""
-    from urial_edge.modeling import build_model
-
-    path.mkdir(parents=True, exist_ok=True)
-    config = {**TINY_CONFIGS[arch], **overrides}
-    mx.random.seed(seed)
-    model = build_model(config)
-    weights = dict(tree_flatten(model.parameters()))
-    # scale up the random weights so the logits are far from ties
-    weights = {k: (v * 4 if k.endswith("embed_tokens.weight") else v) for k, v in weights.items()}
-    mx.save_safetensors(str(path / "model.safetensors"), weights)
-    (path / "config.json").write_text(json.dumps(config))
-    write_byte_tokenizer(path)
-    return path
-
+from urial_edge.tiny_models import TINY_CONFIGS, make_tiny_model  # noqa: F401  (used by the tests)
 
 @pytest.fixture
 def home(tmp_path, monkeypatch):
@@ -131,6 +82,19 @@ def start_server(home, model, prompt_file, *extra):
     proc, info = launch(["--model", str(model), "--prompt", str(prompt_file), *extra],
                         env={**os.environ, "URIAL_EDGE_HOME": str(home)}, timeout=120)
     return proc, info["host"], info["port"]
+
+
+@contextlib.contextmanager
+def running_server(home, model, *extra):
+    """A server on ``model`` with the tiny prompt in ``home``; on leaving, it must stop cleanly and its
+    log must hold no traceback (clients that misbehaved leave none)."""
+    prompt = home / "tiny.toml"
+    prompt.write_text(TINY_PROMPT)
+    proc, host, port = start_server(home, model, prompt, *extra)
+    try:
+        yield {"proc": proc, "host": host, "port": port, "home": home, "prompt": prompt, "model": model}
+    finally:
+        assert "Traceback" not in stop_server(proc)
 
 
 def stop_server(proc) -> str:

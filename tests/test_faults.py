@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from conftest import TINY_PROMPT, raw, start_server, stop_server
+from conftest import TINY_PROMPT, raw, running_server, start_server
 from urial_edge.assistant import Assistant
 from urial_edge.cli import cli
 from urial_edge.errors import UrialError
@@ -289,13 +289,8 @@ def test_two_servers_for_one_model_both_recorded_and_a_stopped_one_is_not_waited
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, tiny_llama):
-    home = tmp_path_factory.mktemp("fault-server")
-    prompt = home / "tiny.toml"
-    prompt.write_text(TINY_PROMPT)
-    proc, host, port = start_server(home, tiny_llama, prompt)
-    info = {"host": host, "port": port, "home": home}
-    yield info
-    assert "Traceback" not in stop_server(proc)  # clients that left early left no tracebacks
+    with running_server(tmp_path_factory.mktemp("fault-server"), tiny_llama) as info:
+        yield info  # on leaving: no tracebacks from the clients that misbehaved
 
 
 def send_raw(server, data: bytes, read: bool = True) -> bytes:

@@ -12,18 +12,14 @@ import time
 
 import pytest
 
-from conftest import TINY_PROMPT as PROMPT, raw, start_server, stop_server
+from conftest import TINY_PROMPT as PROMPT, raw, running_server, start_server
 
 openai = pytest.importorskip("openai")
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, tiny_gemma):
-    home = tmp_path_factory.mktemp("server-home")
-    prompt = home / "tiny.toml"
-    prompt.write_text(PROMPT)
-    proc, host, port = start_server(home, tiny_gemma, prompt)
-    yield {"proc": proc, "host": host, "port": port, "home": home, "prompt": prompt, "model": tiny_gemma}
-    assert "Traceback" not in stop_server(proc)  # SIGTERM shuts down cleanly, and nothing went wrong
+    with running_server(tmp_path_factory.mktemp("server-home"), tiny_gemma) as info:
+        yield info
 
 
 def client(server, key="none"):
@@ -213,12 +209,9 @@ LONG = "Count to ten."  # on the tiny llama model this greedy answer runs to abo
 @pytest.fixture(scope="module")
 def narrow(tmp_path_factory, tiny_llama):
     """A server with one slot and no queue: a second request while one runs gets 429."""
-    home = tmp_path_factory.mktemp("narrow-home")
-    prompt = home / "tiny.toml"
-    prompt.write_text(PROMPT)
-    proc, host, port = start_server(home, tiny_llama, prompt, "--max-batch", "1", "--max-queue", "0")
-    yield {"proc": proc, "host": host, "port": port, "home": home}
-    assert "Traceback" not in stop_server(proc)
+    with running_server(tmp_path_factory.mktemp("narrow-home"), tiny_llama, "--max-batch", "1",
+                        "--max-queue", "0") as info:
+        yield info
 
 
 def open_stream(info, content, max_tokens=4096):
@@ -278,12 +271,8 @@ def test_a_client_that_leaves_frees_its_slot(narrow, streaming):
 @pytest.fixture(scope="module")
 def wide(tmp_path_factory, tiny_llama):
     """A server with the default batch of 8 on the tiny llama model (whose LONG answer is long)."""
-    home = tmp_path_factory.mktemp("wide-home")
-    prompt = home / "tiny.toml"
-    prompt.write_text(PROMPT)
-    proc, host, port = start_server(home, tiny_llama, prompt)
-    yield {"proc": proc, "host": host, "port": port, "home": home}
-    assert "Traceback" not in stop_server(proc)
+    with running_server(tmp_path_factory.mktemp("wide-home"), tiny_llama) as info:
+        yield info
 
 
 def test_a_short_request_is_answered_while_a_long_one_runs(wide):

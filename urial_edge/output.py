@@ -16,6 +16,7 @@ from typing import Collection, List, Optional, Sequence
 from . import prompt as urial
 
 REPLACEMENT = "\ufffd"  # what decoders emit for an incomplete UTF-8 character
+MAX_HELD = 8  # a UTF-8 character spans at most 4 byte tokens: past this, a replacement character is final
 
 
 class StreamingDetokenizer:
@@ -32,8 +33,9 @@ class StreamingDetokenizer:
         self.ids.append(token)
         before = self.decode(self.ids[self.start:self.read])
         after = self.decode(self.ids[self.start:])
-        if len(after) <= len(before) or after.endswith(REPLACEMENT):
-            return ""  # nothing new yet, or a character still incomplete
+        held = len(self.ids) - self.read
+        if len(after) <= len(before) or (after.endswith(REPLACEMENT) and held < MAX_HELD):
+            return ""  # nothing new yet, or a character still incomplete (bytes that never make one go out)
         self.start, self.read = self.read, len(self.ids)
         return after[len(before):]
 
