@@ -32,7 +32,7 @@ def main():
     bot = Assistant.load(args.model, args.prompt, batch_size=16)
     rows = bench_batch.throughput(bot, max_tokens=args.max_tokens, repeats=args.repeats)
     spec = ["--model", str(bot.model_path), "--prompt", str(bot.prompt.path or bot.prompt.name)]
-    server = bench_batch.server_rows(spec, max_tokens=args.max_tokens, repeats=args.repeats)
+    server = bench_batch.server_rows(spec, bot.prefix_text, max_tokens=args.max_tokens, repeats=args.repeats)
     flat = [{**{k: v for k, v in r.items() if not isinstance(v, dict)},
              "identical to single": f"{r['vs_single']['identical']}/{r['vs_single']['of']}",
              "token agreement": r["vs_single"]["token_agreement"]} for r in rows]

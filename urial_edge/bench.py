@@ -195,7 +195,7 @@ def batch_rows(bot, spec: List[str], tokens: int) -> dict:
     from . import bench_batch
 
     throughput = bench_batch.throughput(bot, sizes=(8,), max_tokens=tokens, repeats=1)
-    server = bench_batch.server_rows(spec, clients=(1, 8), max_tokens=tokens, repeats=1)
+    server = bench_batch.server_rows(spec, bot.prefix_text, clients=(1, 8), max_tokens=tokens, repeats=1)
     return {"throughput": throughput, "server": server, "ratios": bench_batch.summary(throughput, server)}
 
 

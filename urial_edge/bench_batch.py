@@ -155,7 +155,21 @@ def concurrent(info: dict, clients: int, max_tokens: int) -> dict:
             "ttft_p95": ttfts[min(len(ttfts) - 1, int(round(0.95 * (len(ttfts) - 1))))]}
 
 
-def short_beside_long(info: dict, repeats: int = 3) -> dict:
+def long_answer(info: dict, prefix_text: str, out: dict) -> None:
+    """A long raw continuation of the URIAL prompt (no frame to stop it): it runs to 400 tokens or EOS."""
+    from . import prompt as urial
+    from .options import GenerationOptions
+    from .servers import stream_chat
+
+    text = prefix_text + urial.render_turn("Write a long, detailed essay about the history of writing systems.")
+    body = {"prompt": text, **GenerationOptions(max_tokens=400, stop=()).to_json()}
+    for chunk in stream_chat(info, body, "/v1/completions"):
+        if chunk["choices"][0].get("text"):
+            out.setdefault("first", time.perf_counter())
+    out["end"] = time.perf_counter()
+
+
+def short_beside_long(info: dict, prefix_text: str, repeats: int = 3) -> dict:
     """Time to first token of a short request on an idle server, and while a long answer is generated."""
     def ttft() -> float:
         out = {}
@@ -166,21 +180,20 @@ def short_beside_long(info: dict, repeats: int = 3) -> dict:
     busy = []
     for _ in range(repeats):
         long = {}
-        thread = threading.Thread(target=one_client, args=(info, "Write a long, detailed essay about the history of "
-                                                                 "writing systems.", 400, long))
+        thread = threading.Thread(target=long_answer, args=(info, prefix_text, long))
         thread.start()
-        while "ttft" not in long:
+        while "first" not in long and thread.is_alive():
             time.sleep(0.01)
-        time.sleep(0.5)  # well into the long answer
         busy.append(ttft())
-        still_running = "end" not in long
+        answered = time.perf_counter()
         thread.join()
-        if not still_running:
-            raise RuntimeError("the long answer ended before the short request was sent; use a longer one")
+        if long["end"] < answered:
+            raise RuntimeError("the long answer ended before the short one's first token; the model stops early")
     return {"idle_ttft": idle, "busy_ttft": statistics.median(busy), "busy / idle": statistics.median(busy) / idle}
 
 
-def server_rows(spec: List[str], clients=(1, 4, 8), max_tokens: int = 64, repeats: int = 2) -> dict:
+def server_rows(spec: List[str], prefix_text: str, clients=(1, 4, 8), max_tokens: int = 64,
+                repeats: int = 2) -> dict:
     from .servers import launch
 
     proc, info = launch([*spec, "--max-batch", str(max(clients))])
@@ -193,7 +206,7 @@ def server_rows(spec: List[str], clients=(1, 4, 8), max_tokens: int = 64, repeat
         base = rows[0]["tps"]
         for row in rows:
             row["tps / one client"] = row["tps"] / base
-        return {"concurrency": rows, "short_beside_long": short_beside_long(info)}
+        return {"concurrency": rows, "short_beside_long": short_beside_long(info, prefix_text)}
     finally:
         proc.terminate()
         proc.wait(timeout=60)

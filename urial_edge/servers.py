@@ -180,15 +180,14 @@ class ServerBusy(UrialError):
     pass
 
 
-def stream_chat(info: dict, body: dict) -> Iterator[dict]:
-    """POST a streamed chat completion and check its status now; the chunks are read as iterated.
+def stream_chat(info: dict, body: dict, path: str = "/v1/chat/completions") -> Iterator[dict]:
+    """POST a streamed (chat) completion and check its status now; the chunks are read as iterated.
 
     A server that cannot be reached raises OSError, a busy one ServerBusy, before anything is read.
     """
     conn = http.client.HTTPConnection(info["host"], info["port"], timeout=READ_TIMEOUT)
     try:
-        conn.request("POST", "/v1/chat/completions", json.dumps({**body, "stream": True}),
-                     {"Content-Type": "application/json"})
+        conn.request("POST", path, json.dumps({**body, "stream": True}), {"Content-Type": "application/json"})
         response = conn.getresponse()
     except http.client.HTTPException as e:
         conn.close()
