@@ -1,9 +1,10 @@
-"""urial-edge against mlx-lm, side by side in one run: the same as ``urial-edge bench``.
+"""urial-edge against mlx-lm and llama.cpp, side by side in one run: the same as ``urial-edge bench``.
 
     python benchmarks/bench_suite.py [--repeats 3] [--model M] [--prompt P]
 
 Cold processes (cached ask, --no-cache ask, mlx_lm generate with and without a
-prompt-cache file, and a bare floor script), in-process time to first token,
+prompt-cache file, a bare floor script, and llama.cpp on the same GGUF restoring
+the prefix state from a file), in-process time to first token,
 server time to first token, decode speed and peak memory. Writes
 results/suite.{json,md,png}; see urial_edge/bench.py for what each row measures.
 """

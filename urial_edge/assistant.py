@@ -390,19 +390,34 @@ class ChatSession:
         if found is None:
             return None
         record, state = found
-        session = cls(assistant, name=name)
-        session.turns = record.turns
-        turn_ids = assistant.tokenizer.encode("".join(urial.render_turn(q, a) for q, a in record.turns))
+        turn_ids = _turn_ids(assistant, record.turns)
         expected = list(assistant.prefix.tokens) + turn_ids
         if state is not None and record.prefix_key != assistant.prefix.key:
             warn(f"session {name!r} was saved with another model or prompt; rebuilding its KV state")
         elif state is not None and record.ids + record.pending != expected:
             warn(f"session {name!r}: its KV state does not match its turns; rebuilding it")
         elif state is not None:
-            session.state, session.ids, session.pending = state, record.ids, record.pending
+            session = cls(assistant, name=name)
+            session.turns, session.state, session.ids, session.pending = record.turns, state, record.ids, record.pending
             return session
+        return cls.from_turns(assistant, record.turns, name=name)
+
+    @classmethod
+    def from_turns(cls, assistant: Assistant, turns: Sequence[Tuple[str, str]],
+                   name: Optional[str] = None) -> "ChatSession":
+        """A session holding earlier ``(query, answer)`` turns, their KV state built in one prefill.
+
+        For conversations kept elsewhere (a saved session whose state is stale, ``llm``'s log).
+        """
+        session = cls(assistant, name=name)
+        session.turns = [(q, a) for q, a in turns]
+        turn_ids = _turn_ids(assistant, session.turns)
         if turn_ids:
             session.state = copy_cache(session.state)
             prefill(assistant.model, turn_ids, session.state)
-            session.ids = expected
+            session.ids = session.ids + turn_ids
         return session
+
+
+def _turn_ids(assistant: Assistant, turns: Sequence[Tuple[str, str]]) -> List[int]:
+    return assistant.tokenizer.encode("".join(urial.render_turn(q, a) for q, a in turns))

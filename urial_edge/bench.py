@@ -1,4 +1,4 @@
-"""The benchmark suite behind ``urial-edge bench``: urial-edge against mlx-lm, side by side.
+"""The benchmark suite behind ``urial-edge bench``: urial-edge against mlx-lm and llama.cpp, side by side.
 
 On one model and prompt, in one run:
 
@@ -10,6 +10,11 @@ On one model and prompt, in one run:
    prefills the query and takes one decode step;
 6. in-process time to first token, cached and uncached;
 7. decode tokens per second of urial-edge and of ``mlx_lm.stream_generate``;
+8. when the model came from a GGUF that is at hand (the bundled model, a
+   ``.gguf`` file, a pulled GGUF) and llama-cpp-python is installed, llama.cpp
+   on that same file: a fresh process that restores the prefix's KV state from
+   a file written by ``llama_state_save_file`` (as ``llama-cli --prompt-cache``
+   does), feeds the query and takes its first token, and its decode rate;
 
 with the peak memory (max RSS) of each process. Results go to ``OUT/suite.json``,
 ``OUT/suite.md`` and ``OUT/suite.png``.
@@ -23,13 +28,14 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import List
+from typing import List, Optional
 
 QUERY = "What are three good habits for staying healthy while working from home?"
 COLD_ROWS = (ROW_ASK, ROW_NO_CACHE, ROW_MLX_CACHED, ROW_MLX_FULL, ROW_FLOOR) = (
     "urial-edge ask, cached (cold process)", "urial-edge ask --no-cache (cold process)",
     "mlx_lm generate --prompt-cache-file (cold process)", "mlx_lm generate, full prompt (cold process)",
     "floor: weights + prefix cache + query + 1 step")
+ROW_LLAMA_CPP = "llama.cpp, same GGUF, KV state from a file (cold process)"
 
 FLOOR = r"""
 import sys, time, json
@@ -103,19 +109,23 @@ def run_suite(model: str = None, prompt: str = None, repeats: int = 3, out: Path
     bot.prefix  # build and save the prefix cache before timing cold runs
     ask = [*exe, "ask", *spec, "--max-tokens", "1", "--json", QUERY]
     query = render_turn(QUERY)
-    ids = json.dumps(bot.tokenizer.encode(query))
+    query_ids = bot.tokenizer.encode(query)
     with tempfile.TemporaryDirectory() as tmp:
         cache_file = str(Path(tmp) / "prefix.safetensors")
         mlx_lm = [sys.executable, "-m", "mlx_lm"]
         timed([*mlx_lm, "cache_prompt", "--model", str(bot.model_path), "--prompt", "-",
                "--prompt-cache-file", cache_file], stdin=bot.prefix_text)
         generate = [*mlx_lm, "generate", "--model", str(bot.model_path), "--max-tokens", "1", "--ignore-chat-template"]
-        rows = interleaved(repeats, {
+        commands = {
             ROW_ASK: ask,
             ROW_NO_CACHE: ask + ["--no-cache"],
             ROW_MLX_CACHED: generate + ["--prompt-cache-file", cache_file, "--prompt", query],
-            ROW_FLOOR: [sys.executable, "-c", FLOOR, str(bot.model_path), str(bot.prefix.path), ids],
-        })
+            ROW_FLOOR: [sys.executable, "-c", FLOOR, str(bot.model_path), str(bot.prefix.path), json.dumps(query_ids)],
+        }
+        peer = llama_cpp_peer(bot, source_gguf(model, bot.model_path, Path(tmp)), query_ids, Path(tmp), decode_tokens)
+        if peer["command"]:
+            commands[ROW_LLAMA_CPP] = peer["command"]
+        rows = interleaved(repeats, commands)
         full = generate + ["--prompt", bot.prefix_text + query]
         rows[ROW_MLX_FULL] = summary([timed(full) for _ in range(repeats)])
 
@@ -125,10 +135,51 @@ def run_suite(model: str = None, prompt: str = None, repeats: int = 3, out: Path
     }
     warm.update(server_latency(bot, spec, repeats))
     decode = decode_speeds(bot, decode_tokens)
+    if peer["decode"] is not None:
+        decode["llama.cpp decode tok/s"] = peer["decode"]
     batching = batch_rows(bot, spec, decode_tokens)
-    result = summarise(rows, warm, decode, batching)
+    result = summarise(rows, warm, decode, batching, peer["about"])
     write(result, out)
     return result
+
+
+def source_gguf(spec: Optional[str], model_path: Path, folder: Path) -> Optional[Path]:
+    """The GGUF the model was converted from, if it is at hand: the bundled package's (assembled into
+    ``folder``) or the file the importer recorded."""
+    from .models import bundled_gguf, load_registry, read_info
+
+    default, registry = load_registry()
+    entry = registry.get(spec or os.environ.get("URIAL_EDGE_MODEL") or default)
+    if entry is not None and entry.source == "bundled":
+        return bundled_gguf(entry, folder)
+    source = read_info(model_path).get("source")
+    return Path(source) if source and Path(source).is_file() else None
+
+
+def llama_cpp_peer(bot, gguf: Optional[Path], query_ids: List[int], folder: Path, decode_tokens: int) -> dict:
+    """llama.cpp on the model's own GGUF: the prefix's KV state saved to a file, the cold-process command that
+    restores it and answers, and the decode rate. Without a GGUF or llama-cpp-python, says why."""
+    import importlib.util
+
+    if gguf is None:
+        return {"command": None, "decode": None, "about": "not run: the model's GGUF is not at hand"}
+    if importlib.util.find_spec("llama_cpp") is None:
+        return {"command": None, "decode": None,
+                "about": "not run: llama-cpp-python is not installed (pip install -e '.[bench]')"}
+    import llama_cpp
+
+    from . import llamacpp
+
+    n_ctx = len(bot.prefix_ids) + len(query_ids) + decode_tokens + 8
+    llm = llamacpp.load(gguf, n_ctx)
+    state = folder / "llama-state.bin"
+    llamacpp.save_state(llm, bot.prefix_ids, state)
+    _, rate, _ = llamacpp.greedy(llm, bot.prefix_ids + query_ids, decode_tokens)
+    del llm
+    about = f"llama-cpp-python {llama_cpp.__version__}, {os.cpu_count()} threads, state file " \
+            f"{state.stat().st_size / 1e6:.0f} MB; {llama_cpp.llama_print_system_info().decode().strip()}"
+    command = [sys.executable, "-c", llamacpp.COLD_ANSWER, str(gguf), str(state), json.dumps(query_ids), str(n_ctx)]
+    return {"command": command, "decode": rate, "about": about}
 
 
 def server_latency(bot, spec: List[str], repeats: int) -> dict:
@@ -199,11 +250,11 @@ def batch_rows(bot, spec: List[str], tokens: int) -> dict:
     return {"throughput": throughput, "server": server, "ratios": bench_batch.summary(throughput, server)}
 
 
-def summarise(rows: dict, warm: dict, decode: dict, batching: dict) -> dict:
+def summarise(rows: dict, warm: dict, decode: dict, batching: dict, llama_cpp: str = "not run") -> dict:
     from .prefix_cache import library_versions
     from .startup import blas_in_use
 
-    cold = {name: rows[name] for name in COLD_ROWS}
+    cold = {name: rows[name] for name in (*COLD_ROWS, ROW_LLAMA_CPP) if name in rows}
     cached = rows[ROW_ASK]["wall_s"]
     ratios = {
         "cached ask / mlx_lm with prompt cache": cached / rows[ROW_MLX_CACHED]["wall_s"],
@@ -215,10 +266,14 @@ def summarise(rows: dict, warm: dict, decode: dict, batching: dict) -> dict:
         "server ttft / cold cached ask": warm["server ttft (warm, over HTTP)"] / cached,
         **batching["ratios"],
     }
+    if ROW_LLAMA_CPP in rows:
+        ratios["cached ask / llama.cpp with state file"] = cached / rows[ROW_LLAMA_CPP]["wall_s"]
+        ratios["decode urial-edge / llama.cpp"] = decode["urial-edge decode tok/s"] / decode["llama.cpp decode tok/s"]
     import platform
 
     machine = {"platform": platform.platform(), "cpus": os.cpu_count(), "python": platform.python_version(),
-               **library_versions(), "blas": blas_in_use(), "date": time.strftime("%Y-%m-%d %H:%M:%S")}
+               **library_versions(), "blas": blas_in_use(), "llama.cpp": llama_cpp,
+               "date": time.strftime("%Y-%m-%d %H:%M:%S")}
     return {"machine": machine, "cold": cold, "warm": warm, "decode": decode, "batching": batching,
             "ratios": ratios}
 
@@ -226,12 +281,14 @@ def summarise(rows: dict, warm: dict, decode: dict, batching: dict) -> dict:
 def write(result: dict, out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / "suite.json").write_text(json.dumps(result, indent=2))
-    lines = ["# urial-edge vs mlx-lm", "", "Medians of cold processes, run in turns after a discarded warm-up round (the full-prompt mlx_lm "
+    lines = ["# urial-edge vs mlx-lm and llama.cpp", "", "Medians of cold processes, run in turns after a discarded warm-up round (the full-prompt mlx_lm "
              "row runs on its own); peak memory is the max RSS of each process.",
              "The floor is a bare script that loads the weights and the prefix cache, runs the query and takes "
              "its first token. \"query forward\" is the model's share of a first token in a warm process: the "
-             "query's forward pass from the cached prefix to its last logits. Decode rates use one clock for both: "
-             "tokens after the first over the time since the first.", "",
+             "query's forward pass from the cached prefix to its last logits. The llama.cpp row loads the GGUF the "
+             "model was converted from, restores the prefix's KV state from a file saved with llama_state_save_file "
+             "(as llama-cli --prompt-cache does), feeds the query and takes its first token. Decode rates use one "
+             "clock for all: tokens after the first over the time since the first.", "",
              "| run | wall s | peak RSS MB |", "|---|---|---|"]
     lines += [f"| {name} | {row['wall_s']:.2f} | {row['peak_rss_mb']:.0f} |" for name, row in result["cold"].items()]
     lines += ["", "| in process | value |", "|---|---|"]

