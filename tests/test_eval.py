@@ -16,6 +16,7 @@ from urial_edge.prompt import Example
 
 EXAMPLES = [Example("Why does Earth have seasons?",
                     "Good question! The real cause of the seasons is the tilt of Earth's axis, not its distance.")]
+NO_GRAMS = metrics.example_grams([])
 
 
 # -- judge-free metrics ----------------------------------------------------------------------
@@ -28,7 +29,7 @@ def test_frame_held_catches_headers_and_fences_but_not_lookalikes():
     assert not metrics.frame_held("Here is code:\n```python\nprint(1)")
 
 
-def test_copying_counts_example_8grams():
+def test_copying_counts_example_8grams_and_4grams():
     grams = metrics.example_ngrams(EXAMPLES)
     copied = "the real cause of the seasons is the tilt of Earth's axis"
     assert metrics.copying(copied, grams) == 1.0
@@ -37,6 +38,9 @@ def test_copying_counts_example_8grams():
     assert 0 < metrics.copying(half, grams) < 1
     assert metrics.copying("Too short to have one.", grams) is None
     assert metrics.example_ngrams([]) == set()
+    short = metrics.example_grams(EXAMPLES)
+    opening = metrics.answer_metrics("Good question! The real answer: the Moon.", "stop", False, short)
+    assert opening["copying"] is None and opening["copying_4"] == pytest.approx(1 / 4)
 
 
 @pytest.mark.parametrize("text,expected", [
@@ -60,15 +64,15 @@ def test_distinct_2_and_answer_metrics():
     assert metrics.distinct_2("one two three four") == 1.0
     assert metrics.distinct_2("la la la la la la") == pytest.approx(1 / 5)
     assert metrics.distinct_2("alone") is None
-    harmless = metrics.answer_metrics("I'm sorry, I can't help.", "length", False, set())
+    harmless = metrics.answer_metrics("I'm sorry, I can't help.", "length", False, NO_GRAMS)
     assert harmless["unwarranted_apology"] is True and harmless["declined"] is None
     assert harmless["clean_stop"] is False and harmless["empty"] is False
-    harmful = metrics.answer_metrics("", "stop", True, set())
+    harmful = metrics.answer_metrics("", "stop", True, NO_GRAMS)
     assert harmful["declined"] is False and harmful["unwarranted_apology"] is None and harmful["empty"] is True
 
 
 def test_aggregate_means_over_answers_where_a_measure_applies():
-    rows = [{**metrics.answer_metrics(text, "stop", harmful, set()), "tokens": n, "ttft": t, "tps": 10.0}
+    rows = [{**metrics.answer_metrics(text, "stop", harmful, NO_GRAMS), "tokens": n, "ttft": t, "tps": 10.0}
             for text, harmful, n, t in [("Sorry, no.", False, 4, 0.1), ("Fine answer here.", False, 6, 0.3),
                                         ("I cannot help with that.", True, 8, 9.0)]]
     total = metrics.aggregate(rows)
@@ -329,6 +333,9 @@ def test_eval_pairwise_compares_each_config_with_the_first(eval_args, scripted):
     rows = json.loads((out / "report.json").read_text())["configs"]
     assert rows[0]["judge"] == {} and rows[1]["judge"]["win rate vs first"] == 0.5
     assert len(judge.requests) == 2 * 3  # both orders, first turns of 3 questions
+    swapped = argv[:argv.index("--preset")] + ["--preset", "urial-greedy", "--preset", "default", "--max-tokens", "4"]
+    again = run_eval(*swapped, "--judge-url", judge.url, "--judge-model", "m", "--judge", "pairwise")
+    assert again.exit_code == 0 and len(judge.requests) == 2 * 2 * 3  # another first config: judged anew
 
 
 @pytest.mark.parametrize("extra,code,match", [

@@ -443,7 +443,7 @@ def eval_options(f):
                         help="Model to compare (repeatable; default: the bundled model).")(f)
 
 
-def judge_url(ctx, param, value):
+def check_judge_url(ctx, param, value):
     from urllib.parse import urlsplit
 
     if value is not None and (urlsplit(value).scheme not in ("http", "https") or not urlsplit(value).hostname):
@@ -458,7 +458,7 @@ def judge_url(ctx, param, value):
 @click.option("--batch-size", type=click.IntRange(1, 256), default=8, show_default=True,
               help="Answers decoded together.")
 @eval_options
-@click.option("--judge-url", default=None, callback=judge_url, metavar="URL",
+@click.option("--judge-url", default=None, callback=check_judge_url, metavar="URL",
               help="An OpenAI-compatible endpoint (.../v1) that scores the answers.")
 @click.option("--judge-model", default=None, metavar="NAME", help="The judge's model name.")
 @click.option("--judge-key", default=None, envvar="URIAL_EDGE_JUDGE_KEY", metavar="KEY",

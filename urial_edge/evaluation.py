@@ -226,7 +226,7 @@ def config_rows(questions: List[Question], configs: List[Config], records: Dict[
 
     rows = []
     for c in configs:
-        grams = metrics.example_ngrams(load_prompt(c.prompt).examples)
+        grams = metrics.example_grams(load_prompt(c.prompt).examples)
         found = [records[i] for q in questions for t in range(1, len(q.turns) + 1)
                  if (i := answer_id(c, q, t)) in records]
         per_answer = [{**metrics.answer_metrics(r["text"], r["finish_reason"], r["harmful"], grams),
@@ -248,7 +248,8 @@ def _ttft(stats: dict) -> float:
 
 COLUMNS = (  # (metrics key, heading, as a percentage)
     ("frame_held", "frame held", True), ("clean_stop", "clean stop", True), ("empty", "empty", True),
-    ("copying", "example copying", True), ("unwarranted_apology", "apology/refusal on harmless", True),
+    ("copying", "example copying", True), ("copying_4", "copying (4-grams)", True),
+    ("unwarranted_apology", "apology/refusal on harmless", True),
     ("sensitive_refused", "of which sensitive-sounding", True), ("declined", "harmful declined", True),
     ("distinct_2", "distinct-2", False), ("tokens", "tokens", False), ("ttft", "ttft s", False),
     ("tps", "tok/s", False),
@@ -258,24 +259,24 @@ COLUMNS = (  # (metrics key, heading, as a percentage)
 def _cell(value, percent: bool) -> str:
     if value is None:
         return "-"
-    return f"{100 * value:.0f}%" if percent else f"{value:.2f}" if value < 10 else f"{value:.0f}"
+    return f"{100 * value:.1f}%" if percent else f"{value:.2f}" if value < 10 else f"{value:.0f}"
 
 
-def write_report(rows: List[Row], out: Path, questions_file: Path, name: str = "report") -> dict:
-    """``NAME.json``, ``NAME.md`` and (with matplotlib) ``NAME.png`` in ``out``."""
+def write_report(rows: List[Row], out: Path, questions_file: Path, name: str = "report", notes: str = "") -> dict:
+    """``NAME.json``, ``NAME.md`` and (with matplotlib) ``NAME.png`` in ``out``; ``notes`` go under the title."""
     report = {"questions": str(questions_file), "date": time.strftime("%Y-%m-%d %H:%M:%S"),
               "configs": [vars(r) for r in rows]}
     write_text_atomic(out / f"{name}.json", json.dumps(report, indent=2, ensure_ascii=False) + "\n")
-    write_text_atomic(out / f"{name}.md", markdown(rows, questions_file))
+    write_text_atomic(out / f"{name}.md", markdown(rows, questions_file, notes))
     chart(rows, out / f"{name}.png")
     return report
 
 
-def markdown(rows: List[Row], questions_file: Path) -> str:
+def markdown(rows: List[Row], questions_file: Path, notes: str = "") -> str:
     judge_keys = sorted({k for r in rows for k in r.judge})
     head = ["config", "answers"] + [h for _, h, _ in COLUMNS] + [f"judge {k}" for k in judge_keys]
-    lines = [f"# urial-edge eval on {questions_file.name}", "", "| " + " | ".join(head) + " |",
-             "|" + "---|" * len(head)]
+    lines = [f"# urial-edge eval on {questions_file.name}", ""] + ([notes, ""] if notes else []) + \
+        ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         cells = [r.config, str(r.metrics["answers"])] + [_cell(r.metrics[k], p) for k, _, p in COLUMNS]
         cells += [_cell(r.judge.get(k), k.endswith("rate")) for k in judge_keys]
@@ -298,7 +299,7 @@ def chart(rows: List[Row], path: Path) -> None:
     except ImportError:
         return
     headings = dict((k, h) for k, h, _ in COLUMNS)
-    fig, ax = plt.subplots(figsize=(10, 1.2 + 0.9 * len(rows)))
+    fig, ax = plt.subplots(figsize=(12, 1.2 + 0.9 * len(rows)))
     height = 0.8 / len(CHART)
     for j, key in enumerate(CHART):
         values = [100 * (r.metrics[key] or 0) for r in rows]
@@ -307,7 +308,7 @@ def chart(rows: List[Row], path: Path) -> None:
     ax.invert_yaxis()
     ax.set_xlim(0, 100)
     ax.set_xlabel("% of answers")
-    ax.legend(loc="lower right", fontsize="small")
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1), fontsize="small")
     ax.set_title("Judge-free metrics per config")
     fig.tight_layout()
     with atomic_file(path, suffix=".png") as tmp:
@@ -343,7 +344,8 @@ def judge_rows(rows: List[Row], judge, mode: str, questions: List[Question], con
     if mode == "pairwise":  # each config against the first, on first turns (later turns' contexts differ)
         todo = [(c, q, 1) for c, q, t in todo if c is not configs[0] and t == 1
                 and answer_id(configs[0], q, 1) in records]
-    ids = [f"{mode} {answer_id(c, q, t)}" for c, q, t in todo]
+    against = f" vs {configs[0].name}" if mode == "pairwise" else ""  # another first config: other verdicts
+    ids = [f"{mode} {answer_id(c, q, t)}{against}" for c, q, t in todo]
 
     def lines() -> Iterator[Line]:
         for i, (c, q, t) in zip(ids, todo):
