@@ -46,11 +46,12 @@ class Config:
     prompt: Optional[str]
     setting: str
     options: GenerationOptions
+    model_label: str = field(init=False)
+    name: str = field(init=False)
 
-    @property
-    def name(self) -> str:
-        prompt = _label(self.prompt, DEFAULT_PROMPT, stem=True)
-        return f"{_label(self.model, default_model())} / {prompt} / {self.setting}"
+    def __post_init__(self):
+        self.model_label = _label(self.model, default_model())
+        self.name = f"{self.model_label} / {_label(self.prompt, DEFAULT_PROMPT, stem=True)} / {self.setting}"
 
 
 def _label(spec: Optional[str], default: str, stem: bool = False) -> str:
@@ -72,6 +73,10 @@ def default_questions() -> Path:
 
 
 # -- questions -----------------------------------------------------------------------------
+
+
+class QuestionError(ValueError):
+    """A question line that is valid JSON but not a question."""
 
 
 def load_questions(path: Path) -> List[Question]:
@@ -99,10 +104,6 @@ def load_questions(path: Path) -> List[Question]:
     if not questions:
         raise UrialError(f"{path} has no questions")
     return questions
-
-
-class QuestionError(ValueError):
-    pass
 
 
 def _question(item) -> Question:
@@ -195,7 +196,7 @@ def _answer_turn(bot, todo, turn: int, records: Dict[Id, dict], path: Path, batc
 
     def lines() -> Iterator[Line]:
         for (c, q), answer in zip(todo, bot.run(requests, batch_size)):
-            record = {"config": c.name, "model": _label(c.model, default_model()),
+            record = {"config": c.name, "model": c.model_label,
                       "prompt": bot.prompt.name, "setting": c.setting, "question_id": q.id, "turn": turn,
                       "category": q.category, "harmful": q.harmful, "query": q.turns[turn - 1], **answer.as_dict()}
             records[answer_id(c, q, turn)] = {"id": answer_id(c, q, turn), **record}
@@ -235,7 +236,7 @@ def config_rows(questions: List[Question], configs: List[Config], records: Dict[
         total = metrics.aggregate(per_answer)
         total["sensitive_refused"] = metrics.aggregate(
             [m for m in per_answer if m["category"] == "sensitive"])["unwarranted_apology"]
-        rows.append(Row(c.name, _label(c.model, default_model()), found[0]["prompt"] if found else str(c.prompt),
+        rows.append(Row(c.name, c.model_label, found[0]["prompt"] if found else str(c.prompt),
                         c.setting, c.options.to_json(), total))
     return rows
 
