@@ -49,7 +49,7 @@ MORE_QUERIES = SAMPLE_QUERIES + (
 )
 
 
-@pytest.mark.parametrize("name", ["urial-k0", "urial-k1", "urial-k3", "urial-k8"])
+@pytest.mark.parametrize("name", ["urial-k0", "urial-k1", "urial-k3", "urial-k8", "urial-k4-direct"])
 def test_prefix_ids_are_an_exact_prefix_of_every_prompt(bot, name):
     assert boundary_problems(load_prompt(name), bot.tokenizer, MORE_QUERIES) == []
 

@@ -7,7 +7,7 @@ from hypothesis import strategies as st
 from urial_edge import prompt as urial
 from urial_edge.errors import UrialError
 
-SHIPPED = ["urial-k0", "urial-k1", "urial-k3", "urial-k8"]
+SHIPPED = {"urial-k0": 0, "urial-k1": 1, "urial-k3": 3, "urial-k8": 8, "urial-k4-direct": 4}  # name: examples
 
 # text biased towards the characters that matter to the frame
 frame_text = st.lists(
@@ -66,8 +66,7 @@ def test_prefix_ends_on_blank_line_and_turns_follow_the_format():
 @pytest.mark.parametrize("name", SHIPPED)
 def test_shipped_prompts_load_and_are_sound(name):
     p = urial.load_prompt(name)
-    k = int(name.split("k")[-1])
-    assert len(p.examples) == k
+    assert len(p.examples) == SHIPPED[name]
     assert urial.check(p) == []
     assert p.description
 
@@ -76,6 +75,20 @@ def test_shipped_prompts_share_system_and_examples():
     k3, k1, k8 = (urial.load_prompt(n) for n in ("urial-k3", "urial-k1", "urial-k8"))
     assert k1.system == k3.system == k8.system == urial.load_prompt("urial-k0").system
     assert k1.examples == k3.examples[:1] and k8.examples[:3] == k3.examples
+
+
+def test_shipped_prompts_are_all_listed():
+    assert sorted(urial.builtin_prompts()) == sorted(SHIPPED)
+
+
+def test_direct_prompt_examples_open_without_apology_or_greeting():
+    from urial_edge import metrics
+
+    p = urial.load_prompt("urial-k4-direct")
+    assert not any(metrics.APOLOGY_PHRASES[0] in ex.answer.lower() for ex in p.examples)
+    assert [metrics.apologises_or_refuses(ex.answer) for ex in p.examples] == [False, True, False, False]
+    openings = [ex.answer.split()[:3] for ex in p.examples]
+    assert len({tuple(o) for o in openings}) == len(openings)
 
 
 def test_plain_text_layout_with_stray_spaces(tmp_path):

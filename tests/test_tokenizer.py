@@ -136,7 +136,8 @@ def test_bundled_lazy_tokenizer_is_exact(bundled):
     lazy = Tokenizer(bundled)
     assert lazy._lazy is not None
     data = json.loads((Path(__file__).parent / "data" / "gemma3_token_ids.json").read_text())
-    texts = STRINGS + data["strings"] + [render_prefix(load_prompt(n)) for n in ("urial-k0", "urial-k3", "urial-k8")]
+    prompts = ("urial-k0", "urial-k3", "urial-k8", "urial-k4-direct")
+    texts = STRINGS + data["strings"] + [render_prefix(load_prompt(n)) for n in prompts]
     for text in texts:
         ids = full.encode(text, add_special_tokens=False).ids
         assert lazy.encode(text) == ids, text[:60]

@@ -51,14 +51,18 @@ def ensure_dir(path: Path) -> Path:
     return path
 
 
+# where a source checkout keeps a kind of data, when not at the top level of the repository
+SOURCE_DIRS = {"eval": "benchmarks/eval"}
+
+
 def package_data(kind: str, name: str) -> Path:
-    """A shipped data file: ``prompts/...`` or ``models/...``.
+    """A shipped data file: ``prompts/...``, ``models/...`` or ``eval/...`` (the question set).
 
     Wheels carry them inside the package (``urial_edge/data/<kind>``); a source
-    checkout keeps them at the top level of the repository.
+    checkout keeps them at the top level of the repository (see :data:`SOURCE_DIRS`).
     """
     here = Path(__file__).resolve().parent
-    for base in (here / "data" / kind, here.parent / kind):
+    for base in (here / "data" / kind, here.parent / SOURCE_DIRS.get(kind, kind)):
         if (base / name).exists():
             return base / name
     return here / "data" / kind / name
