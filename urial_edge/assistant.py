@@ -22,13 +22,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 
+from . import distributed
 from . import prompt as urial
 from . import sessions
 from .engine import Engine, Request, Sequence as EngineSequence, Stats
 from .errors import UrialError
 from .log import warn
-from .modeling import load_model, prefill
-from .models import model_fingerprint, resolve_model
+from .modeling import prefill
+from .models import model_fingerprint
 from .options import GenerationOptions, with_changes
 from .prefix_cache import PrefixCache, copy_cache, load_or_build
 from .progress import Progress, progress_bar
@@ -132,6 +133,7 @@ class Assistant:
                              max_queued=max_queued)
         self.states = StateCache(state_bytes)
         self._prefix: Optional[PrefixCache] = None
+        self.shard: Optional[dict] = None  # this rank's part of a split model (distributed.py)
 
     @classmethod
     def load(cls, model: Optional[str] = None, prompt: Optional[str] = None, *, kv_bits: Optional[int] = None,
@@ -150,10 +152,11 @@ class Assistant:
         warn_if_slow_blas()
         options = with_changes(preset, generation_options)
         loaded_prompt = urial.load_prompt(prompt)
-        path = resolve_model(model)
-        weights, config = load_model(path)
-        return cls(weights, config, Tokenizer(path), path, loaded_prompt, options, kv_bits, cache, progress,
-                   batch_size, max_queued, state_bytes)
+        path, weights, config, shard = distributed.load(model)  # under mlx.launch: this rank's part
+        assistant = cls(weights, config, Tokenizer(path), path, loaded_prompt, options, kv_bits, cache, progress,
+                        batch_size, max_queued, state_bytes)
+        assistant.shard = shard
+        return assistant
 
     # -- the prefix ---------------------------------------------------------
 
@@ -166,7 +169,7 @@ class Assistant:
                 {"model": str(self.model_path), "prompt": self.prompt.name,
                  "prompt_version": self.prompt.version},
                 kv_bits=self.kv_bits, use_disk=True,
-                progress=self.progress or progress_bar("caching prefix tokens"),
+                progress=self.progress or progress_bar("caching prefix tokens"), shard=self.shard,
             )
         return self._prefix
 
@@ -378,7 +381,7 @@ class ChatSession:
         a = self.assistant
         record = sessions.SessionRecord(name, list(self.turns), list(self.ids), list(self.pending), a.prefix.key,
                                         str(a.model_path), a.prompt.name)
-        path = sessions.save(record, self.state)
+        path = sessions.save(record, self.state, a.shard)
         sessions.remove_legacy(name)
         self.name = name
         return path
@@ -386,17 +389,20 @@ class ChatSession:
     @classmethod
     def load(cls, assistant: Assistant, name: str) -> Optional["ChatSession"]:
         """A saved session, or None if there is none. A state that is not exactly its turns' is rebuilt."""
-        found = sessions.load(name)
+        found = distributed.agree_on_session(sessions.load(name, assistant.shard))  # rank 0's, when split
         if found is None:
             return None
         record, state = found
         turn_ids = _turn_ids(assistant, record.turns)
         expected = list(assistant.prefix.tokens) + turn_ids
+        usable = False
         if state is not None and record.prefix_key != assistant.prefix.key:
             warn(f"session {name!r} was saved with another model or prompt; rebuilding its KV state")
         elif state is not None and record.ids + record.pending != expected:
             warn(f"session {name!r}: its KV state does not match its turns; rebuilding it")
-        elif state is not None:
+        else:
+            usable = state is not None
+        if distributed.all_ranks_have(usable, f"session {name!r}"):  # one process: just `usable`
             session = cls(assistant, name=name)
             session.turns, session.state, session.ids, session.pending = record.turns, state, record.ids, record.pending
             return session

@@ -14,7 +14,7 @@ from typing import Optional
 
 import click
 
-from . import __version__
+from . import __version__, distributed
 from .errors import UrialError, one_line
 
 EXIT_ERROR, EXIT_BATCH_INVALID, EXIT_INTERRUPTED = 1, 3, 130
@@ -165,7 +165,7 @@ def ask(query, as_json, verbose, no_daemon, **kwargs):
     if query is None or query == "-":
         if query is None and sys.stdin.isatty():
             raise UrialError("no query: pass it as an argument, or pipe it on standard input")
-        query = read_stdin()
+        query = distributed.leader_stdin(read_stdin)  # under mlx.launch: rank 0 reads, every rank gets it
     if not query.strip():
         raise UrialError("the query is empty")
     options = split_generation(kwargs)
@@ -196,7 +196,7 @@ def running_server_for(kwargs: dict):
     """A verified, answering server for the requested model, prompt and KV precision, if any."""
     from .paths import servers_dir
 
-    if not any(servers_dir().glob("*.json")):  # cheap check before resolving anything
+    if distributed.active() or not any(servers_dir().glob("*.json")):  # split models answer in-process
         return None
     from .log import warn
     from .models import resolve_model
@@ -268,7 +268,7 @@ def repl(conversation, session: Optional[str], verbose: bool) -> None:
     while True:
         try:
             click.echo(">>> ", nl=False, err=True)
-            line = sys.stdin.readline()
+            line = distributed.leader_input(sys.stdin.readline)  # under mlx.launch: rank 0's line
         except KeyboardInterrupt:
             click.echo("", err=True)
             break
@@ -378,8 +378,9 @@ def batch(infile, out, batch_size, **kwargs):
     """Answer every {"id", "query"} line of INFILE into OUTPUT (resumable, in input order)."""
     from .progress import progress_bar
 
-    items = list(read_batch(infile))
-    finished = done_ids(out)
+    # under mlx.launch rank 0 alone reads (and writes) the files and hands the lines to every rank
+    items, finished = distributed.leader_input(lambda: (list(read_batch(infile)), list(done_ids(out))))
+    finished = set(finished)
     invalid = [(n, problem) for n, _, _, problem in items if problem]
     todo, seen = [], set(finished)
     for n, item_id, query, problem in items:
@@ -403,8 +404,11 @@ def batch(infile, out, batch_size, **kwargs):
                 invalid.append((n, str(e)))
     for n, problem in sorted(invalid):
         click.echo(f"{infile}:{n}: {problem}", err=True)
-    if requests:
+    if requests and distributed.is_leader():
         write_answers(out, ids, assistant.run(requests, batch_size))
+    elif requests:  # the other ranks compute the same answers in step with rank 0
+        for _ in assistant.run(requests, batch_size):
+            pass
     click.echo(f"{len(requests)} answered, {len(finished)} already done, {len(invalid)} invalid", err=True)
     if invalid:
         sys.exit(EXIT_BATCH_INVALID)
@@ -777,9 +781,12 @@ def serve(model, prompt, host, port, api_key, kv_bits, max_batch, max_queue, sta
     state_bytes = parse_size(state_cache)
     assistant = load_assistant(model, prompt, kv_bits, no_cache=False, batch_size=max_batch, max_queued=max_queue,
                                state_bytes=state_bytes)
-    run_server(assistant, host, port, api_key, verbose,
-               ready=lambda info: click.echo(f"serving {Path(info['model']).name} / {info['prompt']} on "
-                                             f"http://{info['host']}:{info['port']}/v1", err=True))
+    if not distributed.is_leader():  # under mlx.launch: replay rank 0's requests in lock-step
+        return distributed.follow(assistant)
+    with distributed.serving(assistant) as served:
+        run_server(served, host, port, api_key, verbose,
+                   ready=lambda info: click.echo(f"serving {Path(info['model']).name} / {info['prompt']} on "
+                                                 f"http://{info['host']}:{info['port']}/v1", err=True))
 
 
 def server_status(stop: bool) -> None:
@@ -832,6 +839,7 @@ def doctor():
             line(package, "not installed")
     bits = default_precision()
     line("precision", f"{'q' + str(bits) if bits else 'float32'} for new conversions")
+    line("distributed", distributed.describe())
     line("home", str(home()))
     for label, folder in (("models", models_dir()), ("cache", cache_dir()), ("sessions", sessions_dir())):
         size = format_size(dir_size(folder)) if folder.exists() else "empty"
@@ -849,6 +857,7 @@ def doctor():
 
 
 def main():
+    distributed.quiet_followers()  # under mlx.launch only rank 0 prints
     cli(prog_name="urial-edge")
 
 

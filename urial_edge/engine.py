@@ -112,6 +112,8 @@ class Sequence:
 
     def cancel(self) -> None:
         """Stop this answer; it leaves the batch at the next step."""
+        if self.engine.sync is not None:  # several ranks: all of them drop it before the same step
+            return self.engine.sync.cancel(self)
         self.cancelled = True
         self.engine.wake()
 
@@ -257,6 +259,9 @@ class Engine:
         self._answer_seconds = 0.0  # recent answers' mean duration, for Retry-After
         self._driver: Optional[threading.Thread] = None
         self._stepping = threading.Lock()
+        # under `serve` on several ranks, a distributed.Lockstep: its loop drives the steps and it
+        # orders submissions and cancellations so that every rank's engine stays the same
+        self.sync = None
 
     # -- submitting and waiting ----------------------------------------------------
 
@@ -290,7 +295,8 @@ class Engine:
     def start(self) -> None:
         """Run steps on a thread of our own from now on (several threads may then wait on sequences)."""
         if self._driver is None:
-            self._driver = threading.Thread(target=self._drive, name="urial-edge-engine", daemon=True)
+            drive = self.sync.drive if self.sync is not None else self._drive
+            self._driver = threading.Thread(target=drive, name="urial-edge-engine", daemon=True)
             self._driver.start()
 
     def advance(self, seq: Sequence) -> None:
@@ -319,11 +325,15 @@ class Engine:
             with self._lock:
                 while not self.busy():
                     self._lock.wait()
-            try:
-                with self._stepping:
-                    self.step()
-            except Exception as e:  # every sequence in flight gets the error; the engine goes on
-                self._abort(e)
+            self.run_step()
+
+    def run_step(self) -> None:
+        """One step for a driver thread: an error goes to every sequence in flight and the engine goes on."""
+        try:
+            with self._stepping:
+                self.step()
+        except Exception as e:
+            self._abort(e)
 
     def _abort(self, error: BaseException) -> None:
         for s in self.active + (self.group.seqs if self.group else []):

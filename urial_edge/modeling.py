@@ -57,8 +57,12 @@ def load_weights(path: Path) -> dict:
     return weights
 
 
-def load_model(path: Path):
-    """Load an MLX model directory. Returns ``(model, config)``."""
+def load_model(path: Path, lazy: bool = False):
+    """Load an MLX model directory. Returns ``(model, config)``.
+
+    ``lazy`` leaves the weights unread until first used, so that a model split
+    over several processes (distributed.py) reads only this process's part.
+    """
     import mlx.core as mx
     import mlx.nn as nn
 
@@ -80,7 +84,8 @@ def load_model(path: Path):
     except ValueError as e:
         raise UrialError(f"weights in {path} do not match the model: {one_line(e)}") from None
     model.eval()
-    mx.eval(model.parameters())
+    if not lazy:
+        mx.eval(model.parameters())
     return model, config
 
 

@@ -5,6 +5,7 @@ Layout under ``$URIAL_EDGE_HOME`` (default ``~/.cache/urial-edge``)::
     models/<name>/              MLX model directories (config, safetensors, tokenizer)
     cache/<key>.safetensors     prefix KV caches, named by their content key
     sessions/<name>.safetensors saved chat sessions (one file each)
+    sessions/.shards/<size>-<mode>/rank<r>/<name>.safetensors  a rank's part of a split model's session
     servers/<key>.<pid>.json    records of running ``urial-edge serve`` processes
     tokenizers/                 vocabulary indexes and remembered prefix token ids
 """

@@ -13,6 +13,10 @@ key or other tokens (a file copied over another), or does not fit the loaded
 model is rebuilt with a one-line warning, so an answer never comes from a state
 that is not the one asked for.
 
+A model split over several ranks (distributed.py) keeps one file per rank (the
+key names the rank, the number of ranks and the split); the ranks use their
+files only if every rank's is valid, else all rebuild theirs together.
+
 The folder is kept under a size cap (``URIAL_EDGE_CACHE_MAX``, default 2G):
 after a new file is saved, the least recently used ones beyond it are removed.
 """
@@ -31,6 +35,7 @@ import mlx.core as mx
 from mlx.utils import tree_flatten
 from mlx_lm.models import cache as mlx_cache
 
+from .distributed import all_ranks_have
 from .errors import UrialError, describe_os_error, one_line
 from .files import atomic_file, file_lock, is_temporary, remove_stale_temporaries
 from .log import warn
@@ -204,12 +209,14 @@ def load_or_build(
                            time.perf_counter() - started)
     seen = _mtime(path)
     found = _try_load(path, key, model, kv_bits, tokens)
+    if shard and not all_ranks_have(found is not None, f"prefix cache {path.name}"):
+        found = None  # a split model: every rank uses its stored part, or all rebuild together
     if found is not None:
         return PrefixCache(key, tokens, found, path, True, time.perf_counter() - started)
     writable = _writable_dir(cache_dir())
     lock = file_lock(path.with_suffix(".lock")) if writable else None
     with lock if lock is not None else contextlib.nullcontext():
-        if writable and _mtime(path) != seen:  # another process built it meanwhile
+        if not shard and writable and _mtime(path) != seen:  # another process built it meanwhile
             found = _try_load(path, key, model, kv_bits, tokens)
         if found is not None:
             return PrefixCache(key, tokens, found, path, True, time.perf_counter() - started)

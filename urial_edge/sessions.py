@@ -55,16 +55,20 @@ def check_name(name) -> str:
     return name
 
 
-def session_path(name: str) -> Path:
+def session_path(name: str, shard: Optional[dict] = None) -> Path:
+    """The session's file; each rank of a split model (distributed.py) keeps its own part under ``.shards``."""
+    if shard:
+        folder = sessions_dir() / ".shards" / f"{shard['size']}-{shard['mode']}" / f"rank{shard['rank']}"
+        return folder / f"{check_name(name)}.safetensors"
     return sessions_dir() / f"{check_name(name)}.safetensors"
 
 
-def save(record: SessionRecord, state: list) -> Path:
+def save(record: SessionRecord, state: list, shard: Optional[dict] = None) -> Path:
     """Write the session atomically and durably; returns its file."""
     from . import prefix_cache
     from .prefix_cache import tokens_digest
 
-    path = session_path(record.name)
+    path = session_path(record.name, shard)
     meta = {"format": FORMAT, "session": json.dumps(record.__dict__), "ids_sha256": tokens_digest(record.ids),
             "saved": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     prefix_cache.save(path, state, meta)
@@ -90,7 +94,7 @@ def _record(data: dict, name: str) -> SessionRecord:
     return record
 
 
-def load(name: str) -> Optional[Tuple[SessionRecord, Optional[list]]]:
+def load(name: str, shard: Optional[dict] = None) -> Optional[Tuple[SessionRecord, Optional[list]]]:
     """The saved record and its KV state (None if the state cannot be trusted); None if there is no session.
 
     The state is checked against the record here (checksum, ids hash, length);
@@ -100,10 +104,10 @@ def load(name: str) -> Optional[Tuple[SessionRecord, Optional[list]]]:
 
     from .prefix_cache import checksum, tokens_digest
 
-    path = session_path(name)
+    path = session_path(name, shard)
     legacy = sessions_dir() / name / "session.json"
     if not path.exists():
-        if legacy.is_file():
+        if legacy.is_file() and not shard:
             return _load_legacy(legacy, name), None
         return None
     try:
