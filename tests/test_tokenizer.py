@@ -199,3 +199,17 @@ def test_streaming_detokenizer_equals_full_decode(pair, ids):
         pieces = [d.add(t) for t in token_ids]
         assert "".join(pieces) + d.flush() == tok.decode(token_ids)
         assert all("\ufffd" not in p for p in pieces) or "\ufffd" in tok.decode(token_ids)
+
+
+def test_bytes_that_never_make_a_character_are_not_held_forever(pair):
+    """Output that is not text (a run of stray continuation bytes) still streams, bounded by MAX_HELD."""
+    from urial_edge.output import MAX_HELD, StreamingDetokenizer
+
+    for tok in pair:
+        stray = [i for i in range(tok.vocab_size) if tok.decode([i]) == "\ufffd"][:1] * (3 * MAX_HELD)
+        if not stray:  # the trained sentencepiece vocabulary marks its byte tokens special (decoded as "")
+            pytest.skip("no byte token that decodes to U+FFFD in this vocabulary")
+        d = StreamingDetokenizer(tok)
+        pieces = [d.add(t) for t in stray]
+        assert sum(1 for p in pieces if p) >= 2  # shown along the way, not only at the end
+        assert "".join(pieces) + d.flush() == tok.decode(stray)

@@ -2,7 +2,7 @@
 
     from urial_edge import Assistant
 
-    bot = Assistant.load()                      # bundled base model, urial-k3 prompt
+    bot = Assistant.load()                      # bundled base model, default prompt (urial-k4-direct)
     print(bot.ask("What is a prime number?").text)
     for piece in bot.stream("Name three rivers."):
         print(piece, end="")
@@ -65,8 +65,10 @@ class AnswerStream:
     """Text pieces of an answer as they are generated; after iteration, ``.answer`` has the result."""
 
     def __init__(self, pieces: Iterable[str], result: Callable[[str], Answer],
-                 on_done: Optional[Callable[[Answer], None]] = None, cancel: Optional[Callable[[], None]] = None):
+                 on_done: Optional[Callable[[Answer], None]] = None, cancel: Optional[Callable[[], None]] = None,
+                 sequence: Optional[EngineSequence] = None):
         self._pieces, self._result, self._on_done, self._cancel = pieces, result, on_done, cancel
+        self.sequence = sequence  # the engine's sequence behind a local answer (None for a server's)
         self._text: List[str] = []
         self.answer: Optional[Answer] = None
 
@@ -100,7 +102,7 @@ def _engine_stream(seq: EngineSequence, on_done=None) -> AnswerStream:
         return Answer(text, seq.stats.generation_tokens, seq.finish_reason, seq.stats, seq.token_ids,
                       seq.request.options.to_json())
 
-    return AnswerStream(seq, result, on_done, seq.cancel)
+    return AnswerStream(seq, result, on_done, seq.cancel, seq)
 
 
 class Assistant:
@@ -280,6 +282,7 @@ class Assistant:
         try:
             while emitted < len(requests):
                 while submitted < len(requests) and len(running) < size and submitted - emitted < ahead:
+                    requests[submitted].started = time.perf_counter()  # held back until now: not its wait
                     running[submitted] = self.engine.submit(requests[submitted])
                     submitted += 1
                 for i in [i for i, seq in running.items() if seq.finish_reason is not None]:

@@ -53,8 +53,10 @@ model_option = click.option("--model", "-m", default=None, metavar="MODEL",
 
 
 def model_options(f):
+    from .prompt import DEFAULT_PROMPT
+
     f = click.option("--prompt", "-p", default=None, metavar="NAME_OR_PATH",
-                     help="URIAL prompt: a shipped name (urial-k3 default) or a file.")(f)
+                     help=f"URIAL prompt: a shipped name ({DEFAULT_PROMPT} default) or a file.")(f)
     return model_option(f)
 
 
@@ -80,11 +82,11 @@ class OptionValue(click.ParamType):
         return checked[0] if self.option == "stop" else checked
 
 
-def generation_options(f):
-    """The generation options of options.py as click options, plus --preset (derived, not listed here)."""
+def declared_options(f):
+    """The generation options of options.py as click options (derived from there, not listed here)."""
     from dataclasses import fields
 
-    from .options import PRESETS, GenerationOptions
+    from .options import GenerationOptions
 
     for item in reversed(fields(GenerationOptions)):
         spec = item.metadata["spec"]
@@ -92,8 +94,16 @@ def generation_options(f):
         metavar = {"stop": "TEXT", "seed": "INTEGER"}.get(item.name, type(item.default).__name__.upper())
         f = click.option(*spec.flags, item.name, type=OptionValue(item.name), default=None, metavar=metavar,
                          multiple=item.name == "stop", help=spec.help + default)(f)
+    return f
+
+
+def generation_options(f):
+    """The declared generation options and --preset (a named set of them)."""
+    from .options import PRESETS
+
     return click.option("--preset", type=click.Choice(sorted(PRESETS)), default=None,
-                        help="Start from a named set of options (see README); the options below override it.")(f)
+                        help="Start from a named set of options (see README); the options below override it.")(
+        declared_options(f))
 
 
 def load_options(f):
@@ -341,32 +351,6 @@ def read_batch(path: Path):
                 yield number, item_id, query, None
 
 
-def done_ids(out: Path) -> set:
-    """Ids already answered in ``out``; a partial last line from an interrupted run is cut off."""
-    if out.is_dir():
-        raise UrialError(f"cannot write to {out}: it is a directory")
-    if not out.parent.is_dir():
-        raise UrialError(f"cannot write to {out}: its directory does not exist")
-    if not out.exists():
-        return set()
-    try:
-        data = out.read_bytes()
-        if data and not data.endswith(b"\n"):
-            keep = data.rfind(b"\n") + 1
-            with open(out, "r+b") as f:
-                f.truncate(keep)
-            data = data[:keep]
-    except OSError as e:
-        raise UrialError(f"cannot use {out}: {e.strerror}") from None
-    ids = set()
-    for line in data.splitlines():
-        try:
-            ids.add(json.loads(line)["id"])
-        except (ValueError, KeyError, TypeError):
-            raise UrialError(f"{out} has a line that is not a batch result; use another output file") from None
-    return ids
-
-
 @cli.command()
 @click.argument("infile", type=click.Path(path_type=Path))
 @click.option("--output", "-o", "out", required=True, type=click.Path(path_type=Path), help="JSONL results file.")
@@ -376,10 +360,10 @@ def done_ids(out: Path) -> set:
 @generation_options
 def batch(infile, out, batch_size, **kwargs):
     """Answer every {"id", "query"} line of INFILE into OUTPUT (resumable, in input order)."""
-    from .progress import progress_bar
+    from .results import append_results, read_results
 
     # under mlx.launch rank 0 alone reads (and writes) the files and hands the lines to every rank
-    items, finished = distributed.leader_input(lambda: (list(read_batch(infile)), list(done_ids(out))))
+    items, finished = distributed.leader_input(lambda: (list(read_batch(infile)), list(read_results(out))))
     finished = set(finished)
     invalid = [(n, problem) for n, _, _, problem in items if problem]
     todo, seen = [], set(finished)
@@ -405,7 +389,7 @@ def batch(infile, out, batch_size, **kwargs):
     for n, problem in sorted(invalid):
         click.echo(f"{infile}:{n}: {problem}", err=True)
     if requests and distributed.is_leader():
-        write_answers(out, ids, assistant.run(requests, batch_size))
+        append_results(out, ids, (answer.as_dict() for answer in assistant.run(requests, batch_size)))
     elif requests:  # the other ranks compute the same answers in step with rank 0
         for _ in assistant.run(requests, batch_size):
             pass
@@ -414,40 +398,20 @@ def batch(infile, out, batch_size, **kwargs):
         sys.exit(EXIT_BATCH_INVALID)
 
 
-def write_answers(out: Path, ids: list, answers) -> None:
-    """Append one JSON line per answer, each flushed to disk before the next (a crash loses none)."""
-    from .progress import progress_bar
-
-    progress = progress_bar("answering")
-    progress(0, len(ids))
-    try:
-        f = open(out, "a", encoding="utf-8")
-    except OSError as e:
-        from .errors import describe_os_error
-
-        raise UrialError(describe_os_error(e, out)) from None
-    with f:
-        for k, (item_id, answer) in enumerate(zip(ids, answers), 1):
-            f.write(json.dumps({"id": item_id, **answer.as_dict()}, ensure_ascii=False) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-            progress(k, len(ids))
-
-
 # -- eval -----------------------------------------------------------------------------
 
 
 def eval_options(f):
     """Repeatable -m/-p/--preset (their product makes the configs), the other generation options once."""
     from .options import PRESETS
+    from .prompt import DEFAULT_PROMPT
 
-    f = generation_options(f)
-    f.__click_params__ = [p for p in f.__click_params__ if p.name != "preset"]
+    f = declared_options(f)
     f = click.option("--preset", "presets", multiple=True, type=click.Choice(sorted(PRESETS)),
                      help="A decoding setting to compare (repeatable; default: default). The options "
                      "below apply on top of each.")(f)
     f = click.option("--prompt", "-p", "prompts", multiple=True, metavar="NAME_OR_PATH",
-                     help="URIAL prompt to compare (repeatable; default: urial-k3).")(f)
+                     help=f"URIAL prompt to compare (repeatable; default: {DEFAULT_PROMPT}).")(f)
     return click.option("--model", "-m", "models", multiple=True, metavar="MODEL",
                         help="Model to compare (repeatable; default: the bundled model).")(f)
 

@@ -445,7 +445,7 @@ class Lockstep:
                 if kind not in self.CALLS:
                     raise UrialError(f"unknown lock-step call {kind!r}")
                 result = getattr(self.assistant, kind)(**args)
-                self.live[self.calls] = self.engine.waiting[-1]  # the sequence that call just queued
+                self.live[self.calls] = result.sequence
             except Exception as e:  # the same on every rank; rank 0's HTTP thread gets it
                 result = e
             self.calls += 1

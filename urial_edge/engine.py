@@ -81,7 +81,7 @@ class Request:
     keep_state: bool = False  # keep the final KV state in ``Sequence.state``
     on_prefilled: Optional[Callable[[list], None]] = None  # gets the state after all but the last token
     stats: Stats = field(default_factory=Stats)
-    started: float = field(default_factory=time.perf_counter)
+    started: float = field(default_factory=time.perf_counter)  # the clock of ttft and total_seconds
 
 
 class EngineBusy(UrialError):
@@ -105,7 +105,8 @@ class Sequence:
         self.cancelled = False
         self._pieces: deque = deque()
         self._changed = threading.Event()
-        self._first = 0.0
+        self._submitted = time.perf_counter()
+        self._admitted = self._first = 0.0
         self.sampler = make_sampler(request.options)
         self.penalty = make_penalty(request.options)
         self.context = None  # the token window the penalty looks at, once decoding starts
@@ -139,7 +140,7 @@ class Sequence:
         if not self.token_ids:
             self._first = now
             self.stats.ttft = now - self.request.started
-            self.stats.prefill_tps = self.stats.prefill_tokens / max(self.stats.ttft - self.stats.queue_seconds, 1e-9)
+            self.stats.prefill_tps = self.stats.prefill_tokens / max(now - self._admitted, 1e-9)
         self.token_ids.append(token)
         self.stats.generation_tokens += 1
         piece = self.text.add(token)
@@ -366,7 +367,8 @@ class Engine:
                     seqs.append(s)
         now = time.perf_counter()
         for s in seqs:
-            s.stats.queue_seconds = now - s.request.started
+            s._admitted = now
+            s.stats.queue_seconds = now - s._submitted
         return seqs
 
     def _prefill(self) -> None:

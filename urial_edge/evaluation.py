@@ -25,6 +25,7 @@ from .files import atomic_file, write_text_atomic
 from .options import GenerationOptions
 from .paths import ensure_dir, package_data
 from .prompt import DEFAULT_PROMPT
+from .results import append_results, read_results
 
 Id = Union[str, int]
 ANSWERS, JUDGMENTS = "answers.jsonl", "judgments.jsonl"
@@ -130,25 +131,6 @@ def answer_id(config: Config, question: Question, turn: int) -> str:
     return f"{config.name} #{question.id} #{turn}"
 
 
-@dataclass
-class Line:
-    """One output line for ``cli.write_answers`` (which adds the ``id``)."""
-
-    record: dict
-
-    def as_dict(self) -> dict:
-        return self.record
-
-
-def read_lines(path: Path) -> Dict[Id, dict]:
-    """The lines of a results file by id; a partial last line (an interrupted run) is cut off first."""
-    from .cli import done_ids
-
-    if not done_ids(path):
-        return {}
-    return {r["id"]: r for r in map(json.loads, path.read_bytes().splitlines())}
-
-
 def check_options(records: Dict[Id, dict], configs: Sequence[Config], path: Path) -> None:
     """A config's earlier answers must have been made with the same options."""
     wanted = {c.name: c.options.to_json() for c in configs}
@@ -161,7 +143,7 @@ def check_options(records: Dict[Id, dict], configs: Sequence[Config], path: Path
 def run(questions: List[Question], configs: List[Config], out: Path, batch_size: int = 8) -> Dict[Id, dict]:
     """Answer every question under every config, appending to ``out/answers.jsonl``; skip what is there."""
     path = ensure_dir(out) / ANSWERS
-    records = read_lines(path)
+    records = read_results(path)
     check_options(records, configs, path)
     groups: Dict[tuple, List[Config]] = {}
     for c in configs:
@@ -184,8 +166,6 @@ def _answer_turn(bot, todo, turn: int, records: Dict[Id, dict], path: Path, batc
     """Turn ``turn`` of every (config, question) in ``todo``, in one batched run, each line saved as it ends."""
     from dataclasses import asdict
 
-    from .cli import write_answers
-
     requests = []
     for c, q in todo:
         history = [(q.turns[k - 1], records[answer_id(c, q, k)]["text"]) for k in range(1, turn)]
@@ -194,15 +174,15 @@ def _answer_turn(bot, todo, turn: int, records: Dict[Id, dict], path: Path, batc
         except UrialError as e:
             raise UrialError(f"question {q.id!r}, turn {turn}: {e}") from None
 
-    def lines() -> Iterator[Line]:
+    def lines() -> Iterator[dict]:
         for (c, q), answer in zip(todo, bot.run(requests, batch_size)):
             record = {"config": c.name, "model": c.model_label,
                       "prompt": bot.prompt.name, "setting": c.setting, "question_id": q.id, "turn": turn,
                       "category": q.category, "harmful": q.harmful, "query": q.turns[turn - 1], **answer.as_dict()}
             records[answer_id(c, q, turn)] = {"id": answer_id(c, q, turn), **record}
-            yield Line(record)
+            yield record
 
-    write_answers(path, [answer_id(c, q, turn) for c, q in todo], lines())
+    append_results(path, [answer_id(c, q, turn) for c, q in todo], lines())
 
 
 # -- the report ------------------------------------------------------------------------------
@@ -336,10 +316,8 @@ def judge_rows(rows: List[Row], judge, mode: str, questions: List[Question], con
     Each verdict is appended to ``out/judgments.jsonl`` as it comes, so a judge that fails midway
     loses nothing: the next run asks only for the verdicts still missing.
     """
-    from .cli import write_answers
-
     path = out / JUDGMENTS
-    verdicts = read_lines(path)
+    verdicts = read_results(path)
     todo = [(c, q, t) for c in configs for q in questions for t in range(1, len(q.turns) + 1)
             if answer_id(c, q, t) in records]
     if mode == "pairwise":  # each config against the first, on first turns (later turns' contexts differ)
@@ -348,14 +326,14 @@ def judge_rows(rows: List[Row], judge, mode: str, questions: List[Question], con
     against = f" vs {configs[0].name}" if mode == "pairwise" else ""  # another first config: other verdicts
     ids = [f"{mode} {answer_id(c, q, t)}{against}" for c, q, t in todo]
 
-    def lines() -> Iterator[Line]:
+    def lines() -> Iterator[dict]:
         for i, (c, q, t) in zip(ids, todo):
             if i not in verdicts:
                 verdicts[i] = {"id": i, "mode": mode, "config": c.name, "question_id": q.id, "turn": t,
                                **_verdict(judge, mode, q, t, records, c, configs[0])}
-                yield Line({k: v for k, v in verdicts[i].items() if k != "id"})
+                yield {k: v for k, v in verdicts[i].items() if k != "id"}
 
-    write_answers(path, [i for i in ids if i not in verdicts], lines())
+    append_results(path, [i for i in ids if i not in verdicts], lines(), "judging")
     for row, c in zip(rows, configs):
         row.judge = judge_totals(mode, [verdicts[i] for i, (d, _, _) in zip(ids, todo) if d is c])
 

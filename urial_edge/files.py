@@ -63,6 +63,7 @@ def atomic_file(target: Path, suffix: str = "") -> Iterator[Path]:
     tmp = Path(name)
     try:
         yield tmp
+        os.chmod(tmp, 0o644)  # mkstemp makes files only their owner can read
         fsync_file(tmp)
         os.replace(tmp, target)
         fsync_dir(target.parent)

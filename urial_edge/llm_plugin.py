@@ -23,11 +23,12 @@ from pydantic import Field, create_model, field_validator
 
 from .errors import UrialError
 from .options import PRESETS, GenerationOptions, check, option_names, option_spec, preset, with_changes
+from .prompt import DEFAULT_PROMPT
 
 MODEL_PREFIX = "urial-edge/"
 LOAD_OPTIONS = {
     # not "prompt": llm passes options as keyword arguments beside its own prompt argument
-    "urial_prompt": (str, "URIAL prompt: a shipped name (default urial-k3) or a .toml/.txt file."),
+    "urial_prompt": (str, f"URIAL prompt: a shipped name (default {DEFAULT_PROMPT}) or a .toml/.txt file."),
     "kv_bits": (int, "Quantize the cached KV state to 4 or 8 bits (default: not quantized)."),
     "preset": (str, f"Start from a named set of generation options ({', '.join(PRESETS)}); the options given "
                "override it."),

@@ -25,7 +25,7 @@ from typing import Optional, Tuple
 
 from . import hub
 from .errors import UrialError
-from .files import dir_size
+from .files import dir_size, file_lock, write_text_atomic
 from .modeling import read_config, weight_files
 from .paths import ensure_dir, models_dir, package_data
 from .progress import Progress, progress_bar
@@ -112,38 +112,51 @@ def import_into_store(
     return target
 
 
+def _converting(name: str):
+    """A lock held while a model is converted into the store, so two processes never convert it at once."""
+    return file_lock(models_dir() / f".{name}.lock")
+
+
 def _bundled(entry: ModelEntry, progress: Optional[Progress]) -> Path:
     target = models_dir() / entry.name
     if is_model_dir(target):
         return target
-    sys.stderr.write(f"Converting the bundled model {entry.name} to MLX (once)...\n")
-    source = bundled_gguf(entry)
-    path = import_into_store(
-        source, entry.name, default_precision(), progress or progress_bar("converting")
-    )
-    source.unlink(missing_ok=True)
-    return path
+    with _converting(entry.name):
+        if is_model_dir(target):  # converted by another process while we waited
+            return target
+        sys.stderr.write(f"Converting the bundled model {entry.name} to MLX (once)...\n")
+        source = bundled_gguf(entry)
+        import_into_store(source, entry.name, default_precision(), progress or progress_bar("converting"))
+        source.unlink(missing_ok=True)
+    return target
 
 
 def _gguf(path: Path, progress: Optional[Progress]) -> Path:
     from .gguf_import import FORMAT_VERSION
 
     target = models_dir() / path.stem
-    info = read_info(target)
     stat = path.stat()
-    if info.get("source") == str(path.resolve()) and info.get("source_size") == stat.st_size and \
-            info.get("format_version") == FORMAT_VERSION:
+
+    def current() -> bool:
+        info = read_info(target)
+        return info.get("source") == str(path.resolve()) and info.get("source_size") == stat.st_size and \
+            info.get("format_version") == FORMAT_VERSION
+
+    if current():
         return target
-    sys.stderr.write(f"Importing {path} into the model store (once)...\n")
-    import_into_store(path.resolve(), path.stem, default_precision(), progress or progress_bar("importing"))
-    _record_source_size(target, stat.st_size)
+    with _converting(path.stem):
+        if current():
+            return target
+        sys.stderr.write(f"Importing {path} into the model store (once)...\n")
+        import_into_store(path.resolve(), path.stem, default_precision(), progress or progress_bar("importing"))
+        _record_source_size(target, stat.st_size)
     return target
 
 
 def _record_source_size(target: Path, size: int) -> None:
     info = read_info(target)
     info["source_size"] = size
-    (target / "urial_edge.json").write_text(json.dumps(info, indent=2))
+    write_text_atomic(target / "urial_edge.json", json.dumps(info, indent=2))
 
 
 def _from_hub(repo: str, label: str, file: Optional[str] = None, cache_first: bool = True,

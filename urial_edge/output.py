@@ -16,7 +16,9 @@ from typing import Collection, List, Optional, Sequence
 from . import prompt as urial
 
 REPLACEMENT = "\ufffd"  # what decoders emit for an incomplete UTF-8 character
-MAX_HELD = 8  # a UTF-8 character spans at most 4 byte tokens: past this, a replacement character is final
+# Tokens held back while the text ends in an incomplete character. A character spans at most 4 byte
+# tokens, so only output that is not text (random bytes) reaches this; past it, U+FFFD is shown as is.
+MAX_HELD = 64
 
 
 class StreamingDetokenizer:

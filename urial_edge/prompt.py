@@ -47,9 +47,9 @@ FENCE = "```"
 QUERY = "# Query:"
 ANSWER = "# Answer:"
 INSTRUCTION = "# Instruction"
-# Where a base model's answer ends: its closing fence, or a new query it starts on its own.
-STOP_STRINGS = ("\n" + FENCE, QUERY)
-DEFAULT_PROMPT = "urial-k3"
+# Where a base model's answer ends: its closing fence, or a new block it starts on its own.
+STOP_STRINGS = ("\n" + FENCE, QUERY, ANSWER)
+DEFAULT_PROMPT = "urial-k4-direct"  # chosen on the judge-free metrics (README)
 
 _DANGEROUS = re.compile(r"^([^\S\n]*)(\\*)(`{3}|#[^\S\n]*(?:query|answer|instruction))", re.IGNORECASE)
 _ESCAPED = re.compile(r"^([^\S\n]*)\\(\\*)(`{3}|#[^\S\n]*(?:query|answer|instruction))", re.IGNORECASE)
@@ -220,7 +220,7 @@ def check(prompt: Prompt) -> List[str]:
 
 
 def builtin_prompts() -> List[str]:
-    folder = package_data("prompts", "urial-k3.toml").parent
+    folder = package_data("prompts", f"{DEFAULT_PROMPT}.toml").parent
     return sorted(p.stem for p in folder.glob("*.toml"))
 
 
