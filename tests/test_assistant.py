@@ -84,7 +84,7 @@ def test_batch_reuses_the_prefix(home, tiny_llama, prompt_file):
     from urial_edge.prompt import render_turn
 
     for q, a in zip(["a?", "b?", "a?"], answers):
-        assert a.stats.prefill_tokens == len(bot.tokenizer.encode(render_turn(q)))
+        assert a.stats.prefill_tokens == len(bot.after_prefix(render_turn(q)))
         assert a.stats.cached_tokens == len(bot.prefix_ids)
 
 
@@ -102,3 +102,29 @@ def test_options_and_bad_input(home, tiny_llama, prompt_file):
         bot.ask("word " * 3000)
     with pytest.raises(UrialError, match="invalid session name"):
         bot.chat("../escape")
+
+
+@pytest.mark.parametrize("arch", ["gemma3", "llama"])
+def test_a_prefix_whose_last_token_merges_differently_is_split_where_tokens_are_stable(home, tmp_path,
+                                                                                     prompt_file, arch):
+    """GPT-2-style tokenizers make the prefix's closing blank line one token at the end of the text but
+    two before "# Query:". The cached part stops before it, so every path feeds the whole text's tokens."""
+    from urial_edge.prompt import render_history, render_turn
+
+    bot = load(make_tiny_model(tmp_path / arch, arch, gpt2_split=True), prompt_file, max_tokens=10)
+    assert bot.prefix_tail == "\n\n"
+    whole = bot.tokenizer.encode(bot.prefix_text + render_turn("Hi?"), bos=True)
+    assert bot.tokenizer.encode(bot.prefix_text, bos=True) != whole[:len(bot.prefix_ids) + 1]  # the trap
+    assert bot.prefix_ids + bot.after_prefix(render_turn("Hi?")) == whole
+    chat, history = bot.chat("s"), []
+    for message in MESSAGES:
+        got = chat.send(message)
+        text = bot.prefix_text + render_history(history, message)
+        expected = bot.ask(message, history=history, no_cache=True)
+        assert expected.stats.prompt_tokens == len(bot.tokenizer.encode(text, bos=True))
+        assert got.text == expected.text and got.token_ids == expected.token_ids
+        history.append((message, got.text))
+    continued = bot.tokenizer.encode(bot.prefix_text + render_history(history, "x"), bos=True)
+    assert chat.ids == continued[:len(chat.ids)]  # the state holds only tokens that the next turn keeps
+    chat.save()
+    assert bot.chat("s").send("More?").text == chat.send("More?").text

@@ -39,7 +39,7 @@ def check_against_llama_cpp(bot, gguf: Path, extra_texts=()) -> int:
         assert llamacpp.tokenize(llm, text) == bot.tokenizer.encode(text, bos=True), text
     compared = 0
     for query in QUERIES:
-        query_ids = bot.tokenizer.encode(render_turn(query))
+        query_ids = bot.after_prefix(render_turn(query))
         ids = bot.prefix_ids + query_ids  # what urial-edge feeds: the cached prefix, then the query
         theirs, _, rows = llamacpp.greedy(llm, ids, STEPS, keep_logits=True)
         # teacher-forced on llama.cpp's tokens: our choice at each step, from the cached prefix
@@ -71,7 +71,7 @@ def test_state_file_restored_in_a_fresh_process_answers_as_a_full_prompt(home, t
     gguf = make_tiny_gguf(tmp_path / "tiny.gguf")
     bot = Assistant.load(str(gguf), "urial-k0")
     llm = llamacpp.load(gguf, n_ctx=1024)
-    query_ids = bot.tokenizer.encode(render_turn(QUERIES[0]))
+    query_ids = bot.after_prefix(render_turn(QUERIES[0]))
     llamacpp.save_state(llm, bot.prefix_ids, tmp_path / "state.bin")
     first = llamacpp.greedy(llm, bot.prefix_ids + query_ids, 1)[0][0]
     proc = subprocess.run([sys.executable, "-c", llamacpp.COLD_ANSWER, str(gguf), str(tmp_path / "state.bin"),

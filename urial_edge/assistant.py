@@ -124,7 +124,8 @@ class Assistant:
         self.context_length = int(config.get("max_position_embeddings") or 4096)
         self.model_id = model_fingerprint(model_path)
         self.prefix_text = urial.render_prefix(prompt)
-        self.prefix_ids = tokenizer.encode(self.prefix_text, bos=True, remember=True)
+        self.prefix_ids, self.prefix_tail = urial.stable_prefix(
+            tokenizer, self.prefix_text, tokenizer.encode(self.prefix_text, bos=True, remember=True))
         if len(self.prefix_ids) >= self.context_length:
             raise UrialError(
                 f"prompt {prompt.name!r} is {len(self.prefix_ids)} tokens, longer than the model's "
@@ -198,6 +199,15 @@ class Assistant:
             raise UrialError(f"the query is {new} tokens but only {self.context_length - used} tokens of "
                              f"context are left after the {used}-token prefix")
 
+    def after_prefix(self, text: str) -> List[int]:
+        """Token ids of ``text`` where it follows the cached prefix (the same as in the whole text)."""
+        return self.tokenizer.encode(self.prefix_tail + text)
+
+    def stable_after_prefix(self, text: str) -> List[int]:
+        """The ids of ``text`` after the prefix that stay the same whatever block follows it."""
+        ids = self.after_prefix(text)
+        return ids[:urial.common_prefix(ids, self.after_prefix(text + urial.PROBE))]
+
     def request(self, query: str, *, history: Sequence[Tuple[str, str]] = (), system: str = "",
                 no_cache: bool = False, remember: Optional[bool] = None, **options) -> Request:
         """The engine request for a query: tokens, starting state and options (checked, not yet queued).
@@ -209,7 +219,7 @@ class Assistant:
         query = self.check_query(query)
         text = (urial.render_system(system) if system and system.strip() else "") + \
             urial.render_history(history, query)
-        rest = self.tokenizer.encode(text)
+        rest = self.after_prefix(text)
         self._fit(len(self.prefix_ids), len(rest))
         opts = self._options(options)
         if no_cache or not self.use_cache:
@@ -306,44 +316,48 @@ class Assistant:
         return ChatSession(self, name=session)
 
 
-def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
-    n = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        n += 1
-    return n
-
-
 class ChatSession:
     """A conversation whose KV state grows turn by turn.
 
-    Earlier turns are never prefilled again. After each answer the state is cut
-    back to where the generated tokens and the canonical rendering of the turn
-    agree; when a sliding-window layer has wrapped and cannot be cut back, the
-    pre-turn state is kept and only the last turn is fed again with the next
-    message, so every answer equals that of a fresh full render.
+    Earlier turns are never prefilled again. The state always holds a prefix of
+    the conversation's canonical token ids (its whole text tokenized at once):
+    after each answer it is cut back to where the generated tokens and the
+    canonical ids of the finished turn agree; when a sliding-window layer has
+    wrapped and cannot be cut back, the pre-turn state is kept and the turn is
+    fed again with the next message. So every answer equals that of a fresh
+    full render.
     """
 
     def __init__(self, assistant: Assistant, name: Optional[str] = None):
         self.assistant = assistant
         self.name = sessions.check_name(name) if name is not None else None
         self.turns: List[Tuple[str, str]] = []
-        self.ids: List[int] = list(assistant.prefix.tokens)
-        self.pending: List[int] = []
+        self.ids: List[int] = list(assistant.prefix.tokens)  # what self.state holds
         self.state: list = assistant.prefix.fresh()
 
     def reset(self) -> None:
-        self.turns, self.pending = [], []
+        self.turns = []
         self.ids = list(self.assistant.prefix.tokens)
         self.state = self.assistant.prefix.fresh()
+
+    def conversation_ids(self, more: str = "", stable: bool = False) -> List[int]:
+        """The canonical ids of the prefix, the finished turns and ``more``; with ``stable`` only those
+        that no further text changes."""
+        a = self.assistant
+        text = "".join(urial.render_turn(q, answer) for q, answer in self.turns) + more
+        return list(a.prefix.tokens) + (a.stable_after_prefix(text) if stable else a.after_prefix(text))
+
+    @property
+    def pending(self) -> List[int]:
+        """Canonical ids of the finished turns that the state does not hold yet."""
+        return self.conversation_ids()[len(self.ids):]
 
     def stream(self, message: str, **options) -> AnswerStream:
         """Send ``message``; iterate for the answer's pieces. The turn is recorded when it ends."""
         a = self.assistant
         started = time.perf_counter()
         message = a.check_query(message)
-        new_ids = self.pending + a.tokenizer.encode(urial.render_turn(message))
+        new_ids = self.conversation_ids(urial.render_turn(message))[len(self.ids):]
         a._fit(len(self.ids), len(new_ids))
         stats = Stats(cache_hit=a.prefix.hit, cached_tokens=len(self.ids))
         seq = a.engine.submit(Request(new_ids, self.state, self.ids, a._options(options), keep_state=True,
@@ -351,7 +365,7 @@ class ChatSession:
 
         def record(answer: Answer) -> None:
             if answer.finish_reason in ("stop", "length") and seq.state is not None:
-                self._record(message, answer.text, seq.state, new_ids + seq.token_ids)
+                self._record(message, answer.text, seq.state, self.ids + new_ids + seq.token_ids)
 
         return _engine_stream(seq, on_done=record)
 
@@ -359,19 +373,16 @@ class ChatSession:
         """Send ``message`` and return the answer."""
         return self.stream(message, **options).finish()
 
-    def _record(self, message: str, answer: str, state: list, fed: List[int]) -> None:
-        """Keep the turn; ``state`` holds ``self.ids + fed``."""
-        target = self.pending + self.assistant.tokenizer.encode(urial.render_turn(message, answer))
-        keep = _common_prefix(fed, target)
-        extra = len(fed) - keep
-        if extra == 0 or all(c.is_trimmable() for c in state):
+    def _record(self, message: str, answer: str, state: list, held: List[int]) -> None:
+        """Keep the turn; ``state`` holds ``held``, of which the canonical part is kept."""
+        self.turns.append((message, answer))
+        target = self.conversation_ids(stable=True)
+        keep = urial.common_prefix(held, target)
+        extra = len(held) - keep
+        if keep >= len(self.ids) and (extra == 0 or all(c.is_trimmable() for c in state)):
             for c in state:
                 c.trim(extra)
-            self.state, self.ids = state, self.ids + target[:keep]
-            self.pending = target[keep:]
-        else:
-            self.pending = target
-        self.turns.append((message, answer))
+            self.state, self.ids = state, target[:keep]
 
     # -- persistence ----------------------------------------------------------
 
@@ -396,8 +407,9 @@ class ChatSession:
         if found is None:
             return None
         record, state = found
-        turn_ids = _turn_ids(assistant, record.turns)
-        expected = list(assistant.prefix.tokens) + turn_ids
+        session = cls(assistant, name=name)
+        session.turns = record.turns
+        expected = session.conversation_ids()
         usable = False
         if state is not None and record.prefix_key != assistant.prefix.key:
             warn(f"session {name!r} was saved with another model or prompt; rebuilding its KV state")
@@ -406,8 +418,7 @@ class ChatSession:
         else:
             usable = state is not None
         if distributed.all_ranks_have(usable, f"session {name!r}"):  # one process: just `usable`
-            session = cls(assistant, name=name)
-            session.turns, session.state, session.ids, session.pending = record.turns, state, record.ids, record.pending
+            session.state, session.ids = state, record.ids
             return session
         return cls.from_turns(assistant, record.turns, name=name)
 
@@ -420,13 +431,9 @@ class ChatSession:
         """
         session = cls(assistant, name=name)
         session.turns = [(q, a) for q, a in turns]
-        turn_ids = _turn_ids(assistant, session.turns)
-        if turn_ids:
+        ids = session.conversation_ids(stable=True)
+        if len(ids) > len(session.ids):
             session.state = copy_cache(session.state)
-            prefill(assistant.model, turn_ids, session.state)
-            session.ids = session.ids + turn_ids
+            prefill(assistant.model, ids[len(session.ids):], session.state)
+            session.ids = ids
         return session
-
-
-def _turn_ids(assistant: Assistant, turns: Sequence[Tuple[str, str]]) -> List[int]:
-    return assistant.tokenizer.encode("".join(urial.render_turn(q, a) for q, a in turns))

@@ -70,7 +70,8 @@ def timed(cmd: List[str], stdin: str = None) -> dict:
     proc = subprocess.run([sys.executable, "-c", WRAPPER, *cmd], input=stdin, capture_output=True, text=True)
     report = json.loads(proc.stderr.strip().splitlines()[-1])
     if report["code"] != 0:
-        raise RuntimeError(f"{' '.join(cmd[:5])} ... failed: {proc.stderr.strip().splitlines()[-2:-1]}")
+        lines = [line for line in proc.stderr.strip().splitlines()[:-1] if line.strip()]
+        raise RuntimeError(f"{' '.join(cmd[:5])} ... failed (exit {report['code']}): {lines[-3:]}")
     return {"wall_s": report["wall_s"], "peak_rss_mb": report["peak_rss_mb"]}
 
 
@@ -109,7 +110,7 @@ def run_suite(model: str = None, prompt: str = None, repeats: int = 3, out: Path
     bot.prefix  # build and save the prefix cache before timing cold runs
     ask = [*exe, "ask", *spec, "--max-tokens", "1", "--json", QUERY]
     query = render_turn(QUERY)
-    query_ids = bot.tokenizer.encode(query)
+    query_ids = bot.after_prefix(query)
     with tempfile.TemporaryDirectory() as tmp:
         cache_file = str(Path(tmp) / "prefix.safetensors")
         mlx_lm = [sys.executable, "-m", "mlx_lm"]
@@ -195,7 +196,7 @@ def server_latency(bot, spec: List[str], repeats: int) -> dict:
     queries = [f"{QUERY} (variant {i})" for i in range(repeats)]
     prefill_s = []
     for q in queries:  # the model's share of a first token: the query's forward pass up to its last logits
-        ids = bot.tokenizer.encode(render_turn(q))
+        ids = bot.after_prefix(render_turn(q))
         cache = copy_cache(bot.prefix.fresh())
         start = time.perf_counter()
         prefill(bot.model, ids[:-1], cache)
@@ -225,7 +226,7 @@ def decode_speeds(bot, n: int) -> dict:
 
     from .prompt import render_turn
 
-    ids = bot.prefix_ids + bot.tokenizer.encode(render_turn(QUERY))
+    ids = bot.prefix_ids + bot.after_prefix(render_turn(QUERY))
     wrapper = TokenizerWrapper(PreTrainedTokenizerFast(tokenizer_file=str(bot.model_path / "tokenizer.json")))
     ours, theirs = [], []
     for _ in range(3):

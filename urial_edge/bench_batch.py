@@ -40,7 +40,7 @@ def equal_work(bot, queries: Sequence[str], max_tokens: int) -> list:
 
     options = GenerationOptions(max_tokens=max_tokens, repetition_penalty=1.0)
     prefix = bot.prefix
-    return [Request(bot.tokenizer.encode(urial.render_turn(q)), prefix.fresh(), prefix.tokens, options,
+    return [Request(bot.after_prefix(urial.render_turn(q)), prefix.fresh(), prefix.tokens, options,
                     framed=False) for q in queries]
 
 
@@ -70,7 +70,7 @@ def mlx_lm_batch(bot, queries: Sequence[str], max_tokens: int) -> dict:
         eos_token_ids = sorted(bot.tokenizer.eos_ids)
         decode = staticmethod(bot.tokenizer.decode)
 
-    prompts = [bot.tokenizer.encode(urial.render_turn(q)) for q in queries]
+    prompts = [bot.after_prefix(urial.render_turn(q)) for q in queries]
     caches = [copy_cache(bot.prefix.fresh()) for _ in queries]
     mx.eval([c.state for cache in caches for c in cache])
     mx.reset_peak_memory()

@@ -251,6 +251,36 @@ def load_prompt(name_or_path: Optional[str] = None) -> Prompt:
     return prompt
 
 
+def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    """How many leading items ``a`` and ``b`` share."""
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+PROBE = render_turn("?")  # what every text after the prefix (or after a turn) starts like
+
+
+def stable_prefix(tokenizer, text: str, ids: List[int]) -> Tuple[List[int], str]:
+    """The prefix's token ids that no continuation changes, and the text left out of them.
+
+    Tokenizers with GPT-2-style pre-tokenizing (Llama 3, Qwen, SmolLM2) make the blank line that ends
+    the prefix one token on its own but two where "# Query:" follows; caching it would feed the model
+    a tokenization the whole text never has. Such a tail is moved to the start of every request.
+    """
+    probe = tokenizer.encode(text + PROBE, bos=True, remember=True)
+    n = common_prefix(ids, probe)
+    if n == len(ids) or n <= int(tokenizer.add_bos):
+        return ids, ""
+    tail = text[tokenizer.token_start(text, n - int(tokenizer.add_bos)):]
+    if ids[:n] + tokenizer.encode(tail + PROBE) != probe:  # no clean split: keep the plain prefix
+        return ids, ""
+    return ids[:n], tail
+
+
 SAMPLE_QUERIES = (
     "What is the capital of France?",
     " leading space and trailing space ",
@@ -263,17 +293,17 @@ SAMPLE_QUERIES = (
 
 
 def boundary_problems(prompt: Prompt, tokenizer, queries: Sequence[str] = SAMPLE_QUERIES) -> List[str]:
-    """Check that the prefix ids are an exact prefix of every full prompt's ids.
+    """Check that the cached prefix ids plus a request's ids are the ids of the whole text.
 
-    ``tokenizer`` needs ``encode(text, bos=...)``. The runtime feeds
-    ``prefix ids + ids(rest)``, so that must equal the ids of the whole text.
+    ``tokenizer`` needs ``encode(text, bos=...)`` and ``token_start``. The runtime caches the
+    prefix's stable ids (see :func:`stable_prefix`) and feeds ``ids(tail + rest)`` after them.
     """
     prefix = render_prefix(prompt)
-    prefix_ids = tokenizer.encode(prefix, bos=True)
+    prefix_ids, tail = stable_prefix(tokenizer, prefix, tokenizer.encode(prefix, bos=True))
     problems = []
     for query in queries:
         rest = render_turn(query)
         full = tokenizer.encode(prefix + rest, bos=True)
-        if full != prefix_ids + tokenizer.encode(rest):
+        if full != prefix_ids + tokenizer.encode(tail + rest):
             problems.append(f"token boundary: the prefix and the query {query[:30]!r} merge into different tokens")
     return problems

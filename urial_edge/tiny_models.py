@@ -25,22 +25,32 @@ TINY_CONFIGS = {
 }
 
 
-def write_byte_tokenizer(path: Path) -> None:
-    """A byte-level BPE tokenizer with no merges: 3 special tokens plus the 256 byte symbols."""
+def write_byte_tokenizer(path: Path, gpt2_split: bool = False) -> None:
+    """A byte-level BPE tokenizer: 3 special tokens plus the 256 byte symbols, and no merges.
+
+    ``gpt2_split``: pre-tokenize with GPT-2's pattern and merge a blank line into one token (id 259),
+    as Llama 3, Qwen and SmolLM2 do: a blank line then tokenizes differently at the end of a text than
+    before other text.
+    """
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
     vocab = {"<pad>": 0, "<eos>": 1, "<bos>": 2}
     for ch in pre_tokenizers.ByteLevel.alphabet():
         vocab[ch] = len(vocab)
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    merges = []
+    if gpt2_split:
+        vocab["\u010a\u010a"] = len(vocab)  # "\n\n" in byte-level symbols
+        merges = [("\u010a", "\u010a")]
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=gpt2_split)
     tok.decoder = decoders.ByteLevel()
     tok.save(str(path / "tokenizer.json"))
     (path / "tokenizer_config.json").write_text(json.dumps(
         {"bos_token": "<bos>", "eos_token": "<eos>", "add_bos_token": True}))
 
 
-def make_tiny_model(path: Path, arch: str = "gemma3", seed: int = 0, **overrides) -> Path:
+def make_tiny_model(path: Path, arch: str = "gemma3", seed: int = 0, gpt2_split: bool = False,
+                    **overrides) -> Path:
     """Write a random-weight MLX model directory for ``arch`` (config values overridable)."""
     import mlx.core as mx
     from mlx.utils import tree_flatten
@@ -48,7 +58,7 @@ def make_tiny_model(path: Path, arch: str = "gemma3", seed: int = 0, **overrides
     from .modeling import build_model
 
     path.mkdir(parents=True, exist_ok=True)
-    config = {**TINY_CONFIGS[arch], **overrides}
+    config = {**TINY_CONFIGS[arch], **({"vocab_size": 260} if gpt2_split else {}), **overrides}
     mx.random.seed(seed)
     model = build_model(config)
     weights = dict(tree_flatten(model.parameters()))
@@ -56,5 +66,5 @@ def make_tiny_model(path: Path, arch: str = "gemma3", seed: int = 0, **overrides
     weights = {k: (v * 4 if k.endswith("embed_tokens.weight") else v) for k, v in weights.items()}
     mx.save_safetensors(str(path / "model.safetensors"), weights)
     (path / "config.json").write_text(json.dumps(config))
-    write_byte_tokenizer(path)
+    write_byte_tokenizer(path, gpt2_split)
     return path

@@ -93,6 +93,11 @@ class Tokenizer:
                 _write_memo(memo, ids)
         return [self.bos_id] + ids if bos and self.add_bos else ids
 
+    def token_start(self, text: str, index: int) -> int:
+        """Where in ``text`` its ``index``-th token begins (counting without BOS)."""
+        tok = self._full or self._lazy.tokenizer_for(text)
+        return tok.encode(text, add_special_tokens=False).offsets[index][0]
+
     def decode(self, ids: Iterable[int]) -> str:
         if self._full is not None:
             return self._full.decode(list(ids), skip_special_tokens=True)
@@ -383,6 +388,11 @@ class LazyBPE:
         options = ("single_word", "lstrip", "rstrip", "normalized", "special")
         tok.add_tokens([AddedToken(t["content"], **{k: t[k] for k in options if k in t}) for t in self.added_in])
         return tok
+
+    def token_start(self, text: str, index: int) -> int:
+        """Where in ``text`` its ``index``-th token begins (counting without BOS)."""
+        tok = self._full or self._lazy.tokenizer_for(text)
+        return tok.encode(text, add_special_tokens=False).offsets[index][0]
 
     def decode(self, ids: Iterable[int]) -> str:
         """Same text as the full tokenizer's ``decode(ids, skip_special_tokens=True)``."""
