@@ -45,6 +45,7 @@ from .options import GenerationOptions
 from .output import AnswerText
 
 PREFILL_STEP = 512
+NORMAL, PRIMING, HANDED = 0, 1, 2  # a row's input: its last token, its last prompt token, or a token already out
 WHOLE_CONTEXT = 1 << 30  # a repetition_context of 0 means every token so far
 
 
@@ -254,7 +255,7 @@ class Engine:
         self.active: List[Sequence] = []
         self.cache: Optional[list] = None  # batch caches, one per layer; row i is active[i]
         self.inputs: Optional[mx.array] = None  # the token each row feeds at the next step
-        self.priming: List[bool] = []  # the row's input is its last prompt token (nothing to hand out)
+        self.phase: List[int] = []  # per row: NORMAL, PRIMING or HANDED (see _decode)
         self.steps = 0
         self.finished = {"stop": 0, "length": 0, "cancelled": 0, "error": 0}  # answers by how they ended
         self._answer_seconds = 0.0  # recent answers' mean duration, for Retry-After
@@ -339,7 +340,7 @@ class Engine:
     def _abort(self, error: BaseException) -> None:
         for s in self.active + (self.group.seqs if self.group else []):
             s._finish("error", error)
-        self.active, self.priming, self.cache, self.inputs, self.group = [], [], None, None, None
+        self.active, self.phase, self.cache, self.inputs, self.group = [], [], None, None, None
 
     def _finished(self, seq: Sequence) -> None:
         self.finished[seq.finish_reason] += 1
@@ -384,7 +385,11 @@ class Engine:
     def _join(self, group: _Prefill) -> None:
         for i, s in enumerate(group.seqs):
             if s.request.on_prefilled is not None and not s.cancelled:
-                s.request.on_prefilled([c.extract(i) for c in group.cache])
+                snapshot = [c.extract(i) for c in group.cache]
+                # copied in the background, before the next forward pass; a lazy copy would keep the
+                # whole batch's arrays alive for as long as the snapshot is stored
+                mx.async_eval([a for c in snapshot for a in (c.keys, c.values) if a is not None])
+                s.request.on_prefilled(snapshot)
         keep = [i for i, s in enumerate(group.seqs) if not s.cancelled]
         for s in group.seqs:
             if s.cancelled:
@@ -406,7 +411,7 @@ class Engine:
                 mine.extend(theirs)
             self.inputs = mx.concatenate([self.inputs, last.astype(self.inputs.dtype)])
         self.active += seqs
-        self.priming += [True] * len(seqs)
+        self.phase += [PRIMING] * len(seqs)
 
     def _decode(self) -> None:
         if not self.active:
@@ -416,16 +421,20 @@ class Engine:
         tokens = self._sample(logits)
         mx.async_eval(tokens)
         fed = self.inputs.tolist()  # the previous step's tokens: ready while this step runs
+        # a new answer's first token is handed out as soon as it is sampled, not a step later
+        early = tokens.tolist() if PRIMING in self.phase else None
         self.inputs = tokens
         now = time.perf_counter()
         n = len(self.active)
         leaving = []
         for i, s in enumerate(self.active):
             s.stats.batch_size = max(s.stats.batch_size, n)
-            reason = None
-            if self.priming[i]:
-                self.priming[i] = False
-            else:
+            reason, phase = None, self.phase[i]
+            self.phase[i] = NORMAL
+            if phase == PRIMING and not s.request.keep_state:  # (a kept state holds every token handed out)
+                reason = s._token(early[i], now)
+                self.phase[i] = HANDED
+            elif phase == NORMAL:
                 reason = s._token(fed[i], now)
             if reason is None and s.cancelled:
                 reason = "cancelled"
@@ -460,7 +469,7 @@ class Engine:
         gone = set(rows)
         keep = [i for i in range(len(self.active)) if i not in gone]
         self.active = [self.active[i] for i in keep]
-        self.priming = [self.priming[i] for i in keep]
+        self.phase = [self.phase[i] for i in keep]
         if not keep:
             self.cache, self.inputs = None, None
             return
