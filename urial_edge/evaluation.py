@@ -271,13 +271,16 @@ CHART = ("frame_held", "clean_stop", "copying", "unwarranted_apology", "declined
 
 
 def chart(rows: List[Row], path: Path) -> None:
-    """Grouped bars of the rate metrics, one group per config (skipped without matplotlib)."""
+    """Grouped bars of the rate metrics, one group per config (skipped, with a warning, without matplotlib)."""
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
+        from .log import warn
+
+        warn(f"{path.name} not drawn: matplotlib is not installed (pip install matplotlib)")
         return
     headings = dict((k, h) for k, h, _ in COLUMNS)
     fig, ax = plt.subplots(figsize=(12, 1.2 + 0.9 * len(rows)))
