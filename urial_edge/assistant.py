@@ -234,8 +234,8 @@ class Assistant:
         if state is None:
             n, state = len(prefix.tokens), prefix.fresh()
         stats.cached_tokens = n
-        remember = (lambda s: self.states.put(ids[:-1], s)) if len(ids) - n > 1 else None
-        return Request(ids[n:], state, ids[:n], opts, on_prefilled=remember, stats=stats, started=started)
+        store = (lambda s: self.states.put(ids[:-1], s)) if len(ids) - n > 1 else None
+        return Request(ids[n:], state, ids[:n], opts, on_prefilled=store, stats=stats, started=started)
 
     def submit(self, request: Request) -> AnswerStream:
         """Queue a request (see :meth:`request`) and return its stream."""

@@ -287,8 +287,12 @@ class Engine:
             self._lock.notify_all()
         return seq
 
+    def _in_flight(self) -> List[Sequence]:
+        """Sequences being decoded or prefilled (not those still waiting)."""
+        return self.active + (self.group.seqs if self.group else [])
+
     def _free_slots(self) -> int:
-        return max(0, self.max_active - len(self.active) - (len(self.group.seqs) if self.group else 0))
+        return max(0, self.max_active - len(self._in_flight()))
 
     def wake(self) -> None:
         with self._lock:
@@ -318,7 +322,7 @@ class Engine:
 
     @property
     def load(self) -> dict:
-        return {"active": len(self.active) + (len(self.group.seqs) if self.group else 0),
+        return {"active": len(self._in_flight()),
                 "waiting": len(self.waiting), "max_active": self.max_active, "max_queued": self.max_queued,
                 "finished": dict(self.finished)}
 
@@ -338,7 +342,7 @@ class Engine:
             self._abort(e)
 
     def _abort(self, error: BaseException) -> None:
-        for s in self.active + (self.group.seqs if self.group else []):
+        for s in self._in_flight():
             s._finish("error", error)
         self.active, self.phase, self.cache, self.inputs, self.group = [], [], None, None, None
 
