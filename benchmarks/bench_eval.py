@@ -15,14 +15,16 @@ Answers go to DIR/answers.jsonl (resumable; too big for git), the judge-free
 metrics to results/eval.{json,md,png}.
 """
 
-import urial_edge  # noqa: F401  (first: it sets up the optimised BLAS before MLX loads)
+from urial_edge.model.backend import prepare
+
+prepare()  # first: the optimised BLAS and light mlx_lm imports, before MLX loads
 import argparse
 from pathlib import Path
 
 from common import RESULTS, machine
 
-from urial_edge import evaluation
-from urial_edge.options import with_changes
+from urial_edge.eval import questions as question_sets, report, run
+from urial_edge.runtime.options import with_changes
 
 CONFIGS = [(p, s) for p in ("urial-k3", "urial-k4-direct") for s in ("default", "urial-greedy", "urial-t0.5")]
 CONFIGS += [(p, "default") for p in ("urial-k0", "urial-k1", "urial-k8")]
@@ -33,21 +35,21 @@ def main() -> None:
     parser.add_argument("--runs", type=Path, default=Path("eval-runs"), help="Where answers.jsonl goes.")
     parser.add_argument("--max-tokens", type=int, default=192)
     args = parser.parse_args()
-    questions_file = evaluation.default_questions()
-    questions = evaluation.load_questions(questions_file)
-    configs = [evaluation.Config(None, p, s, with_changes(s, {"max_tokens": args.max_tokens, "seed": 0}))
+    questions_file = question_sets.default_questions()
+    questions = question_sets.load_questions(questions_file)
+    configs = [run.Config(None, p, s, with_changes(s, {"max_tokens": args.max_tokens, "seed": 0}))
                for p, s in CONFIGS]
-    records = evaluation.run(questions, configs, args.runs, batch_size=16)
-    rows = evaluation.config_rows(questions, configs, records)
+    records = run.run(questions, configs, args.runs, batch_size=16)
+    rows = report.config_rows(questions, configs, records)
     m = machine()
     notes = (f"The bundled model (Gemma 3 270M base, float32), our own question set, `--max-tokens "
              f"{args.max_tokens} --seed 0`, 16 answers decoded together; written by benchmarks/bench_eval.py on "
              f"{m['date']} ({m['platform']}, {m['cpus']} CPUs, BLAS {m['blas']}). Rates are shares of the answers "
              "they apply to; see README, \"Measuring answer quality\", for each metric. The machine was shared "
              "with other jobs while this ran: read ttft and tok/s as rough figures only.")
-    evaluation.write_report(rows, RESULTS, questions_file, name="eval", notes=notes)
+    report.write_report(rows, RESULTS, questions_file, name="eval", notes=notes)
     for row in rows:
-        print(evaluation.summary(row))
+        print(report.summary(row))
 
 
 if __name__ == "__main__":

@@ -12,13 +12,15 @@ streaming detokenizer), and the wall time per token is taken over tokens 100-200
 Writes results/host.{json,md,png}.
 """
 
-import urial_edge  # noqa: F401  (first: it sets up the optimised BLAS before MLX loads)
+from urial_edge.model.backend import prepare
+
+prepare()  # first: the optimised BLAS and light mlx_lm imports, before MLX loads
 import argparse
 import tempfile
 import time
 from pathlib import Path
 
-from common import RESULTS, write_results
+from common import write_results
 
 SIZE = {"hidden_size": 256, "num_hidden_layers": 4, "intermediate_size": 512, "num_attention_heads": 4,
         "num_key_value_heads": 2, "max_position_embeddings": 16384}  # a step costs about a small model's on a GPU
@@ -30,8 +32,8 @@ def make_model(folder: Path) -> Path:
     every token is a character (no byte sequences that never decode)."""
     import mlx.core as mx
 
-    from urial_edge.tiny_models import make_tiny_model
-    from urial_edge.tokenizer import Tokenizer
+    from urial_edge.testing.tiny_models import make_tiny_model
+    from urial_edge.model.tokenizer import Tokenizer
 
     make_tiny_model(folder, "llama", seed=1, **SIZE)
     tok = Tokenizer(folder)
@@ -56,7 +58,7 @@ def per_token(times: list, first: int, last: int, clock: int = 0) -> float:
 
 def ours(bot, tokens: int) -> list:
     """The clocks when each token's text had been handed to the consumer."""
-    from urial_edge.bench_batch import equal_work
+    from urial_edge.bench.batch import equal_work
 
     seq = bot.engine.submit(equal_work(bot, ["Tell me everything."], tokens)[0])
     times = []
@@ -71,7 +73,7 @@ def theirs(bot, tokens: int) -> list:
     from mlx_lm.tokenizer_utils import TokenizerWrapper
     from transformers import PreTrainedTokenizerFast
 
-    from urial_edge import prompt as urial
+    from urial_edge.runtime import prompt as urial
 
     wrapper = TokenizerWrapper(PreTrainedTokenizerFast(tokenizer_file=str(bot.model_path / "tokenizer.json")))
     ids = bot.prefix_ids + bot.after_prefix(urial.render_turn("Tell me everything."))
@@ -85,8 +87,8 @@ def model_only(bot, tokens: int) -> list:
     """The model's own share: one forward pass and an argmax per token, nothing else (no overlap)."""
     import mlx.core as mx
 
-    from urial_edge.bench_batch import equal_work
-    from urial_edge.prefix_cache import copy_cache
+    from urial_edge.bench.batch import equal_work
+    from urial_edge.runtime.kv_state import copy_cache
 
     request = equal_work(bot, ["Tell me everything."], tokens)[0]
     cache = copy_cache(request.cache)
@@ -107,7 +109,7 @@ def main():
     args = parser.parse_args()
     import os
 
-    from urial_edge.assistant import Assistant
+    from urial_edge.runtime.assistant import Assistant
 
     with tempfile.TemporaryDirectory() as tmp:
         os.environ["URIAL_EDGE_HOME"] = str(Path(tmp) / "home")

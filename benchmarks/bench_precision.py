@@ -2,12 +2,14 @@
 
     python benchmarks/bench_precision.py
 
-The numbers behind the per-platform default precision (urial_edge.models.default_precision).
+The numbers behind the per-platform default precision (urial_edge.model.store.default_precision).
 All three variants are measured side by side in one process on the same prompt.
 Writes results/precision.{json,md}.
 """
 
-import urial_edge  # noqa: F401  (first: it sets up the optimised BLAS before MLX loads)
+from urial_edge.model.backend import prepare
+
+prepare()  # first: the optimised BLAS and light mlx_lm imports, before MLX loads
 import time
 
 from common import write_results
@@ -15,27 +17,27 @@ from common import write_results
 import mlx.core as mx
 import mlx.nn as nn
 
-from urial_edge.generate import GenerationOptions, generate_tokens, prefill
-from urial_edge.modeling import load_model
-from urial_edge.models import resolve_model
-from urial_edge.prefix_cache import make_cache
-from urial_edge.tokenizer import Tokenizer
+from urial_edge.model.loading import load_model
+from urial_edge.model.store import resolve_model
+from urial_edge.model.tokenizer import Tokenizer
+from urial_edge.runtime.kv_state import make_cache, prefill
 
 TEXT = ("The history of the bicycle begins in the early nineteenth century, when inventors in Europe "
         "experimented with two-wheeled machines pushed along by the rider's feet. ") * 12
 
 
 def speeds(model, ids, decode_tokens=32) -> dict:
+    """Prefill tokens/s, and greedy decode tokens/s of the bare model (one token per forward pass)."""
     cache = make_cache(model)
     start = time.perf_counter()
-    prefill(model, ids, cache)
+    prefill(model, ids[:-1], cache)
     prefill_s = time.perf_counter() - start
-    options = GenerationOptions(max_tokens=decode_tokens, repetition_penalty=1.0)
-    stream = generate_tokens(model, ids[-1:], cache, ids[:-1], options)
-    next(stream)
+    token = mx.array([ids[-1:]])
     start = time.perf_counter()
-    n = sum(1 for _ in stream)
-    return {"prefill_tok_s": len(ids) / prefill_s, "decode_tok_s": n / (time.perf_counter() - start)}
+    for _ in range(decode_tokens):
+        token = mx.argmax(model(token, cache=cache)[:, -1:, :], axis=-1)
+        mx.eval(token)
+    return {"prefill_tok_s": (len(ids) - 1) / prefill_s, "decode_tok_s": decode_tokens / (time.perf_counter() - start)}
 
 
 def main():

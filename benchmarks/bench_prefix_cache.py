@@ -9,14 +9,15 @@ K=3: file size and whether the greedy answers change. Writes
 results/prefix_cache.{json,md}.
 """
 
-import urial_edge  # noqa: F401  (first: it sets up the optimised BLAS before MLX loads)
+from urial_edge.model.backend import prepare
+
+prepare()  # first: the optimised BLAS and light mlx_lm imports, before MLX loads
 import argparse
-import time
 
 from common import best_of, write_results
 
-from urial_edge.assistant import Assistant
-from urial_edge.prompt import load_prompt
+from urial_edge.runtime.assistant import Assistant
+from urial_edge.runtime.prompt import load_prompt
 from urial_edge.units import format_size
 
 QUERY = "What are three good habits for staying healthy while working from home?"

@@ -12,18 +12,22 @@ folder's size along the way.
 Writes results/system_messages.{json,md,png}.
 """
 
-import urial_edge  # noqa: F401  (first: it sets up the optimised BLAS before MLX loads)
+from urial_edge.model.backend import prepare
+
+prepare()  # first: the optimised BLAS and light mlx_lm imports, before MLX loads
 import argparse
 import threading
 import time
 from pathlib import Path
 
-from common import RESULTS, write_results
+from common import write_results
 
-from urial_edge.files import dir_size
-from urial_edge.options import GenerationOptions
-from urial_edge.paths import cache_dir
-from urial_edge.servers import chat_body, health, launch, stream_chat
+from urial_edge.disk.files import dir_size
+from urial_edge.runtime.options import GenerationOptions
+from urial_edge.disk.paths import cache_dir
+from urial_edge.serve.client import chat_body, stream_chat
+from urial_edge.serve.discovery import health
+from urial_edge.testing.server_process import launch
 
 
 def rss_mb(pid: int) -> float:

@@ -13,7 +13,7 @@ def machine() -> dict:
     import mlx.core as mx
     from importlib.metadata import version
 
-    from urial_edge.startup import blas_in_use
+    from urial_edge.model.backend import blas_in_use
 
     return {
         "platform": platform.platform(),

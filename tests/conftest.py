@@ -12,8 +12,11 @@ from pathlib import Path
 
 import pytest
 
-import urial_edge  # noqa: F401  (sets up BLAS and light imports before MLX loads)
-from urial_edge.tiny_models import TINY_CONFIGS, make_tiny_model  # noqa: F401  (used by the tests)
+from urial_edge.model.backend import prepare
+
+prepare()  # before MLX loads: the optimised BLAS and light mlx_lm imports, as the CLI does
+
+from urial_edge.testing.tiny_models import TINY_CONFIGS, make_tiny_model  # noqa: F401  (used by the tests)
 
 
 def smollm2_gguf() -> Path:
@@ -51,7 +54,7 @@ def bundled_home(tmp_path_factory):
     h = Path(os.environ.get("URIAL_EDGE_TEST_HOME") or tmp_path_factory.mktemp("bundled-home"))
     old = os.environ.get("URIAL_EDGE_HOME")
     os.environ["URIAL_EDGE_HOME"] = str(h)
-    from urial_edge.models import resolve_model
+    from urial_edge.model.store import resolve_model
 
     resolve_model(None)
     if old is None:
@@ -85,7 +88,7 @@ def prompt_file(tmp_path):
 
 def start_server(home, model, prompt_file, *extra):
     """``urial-edge serve`` in a subprocess on a free port; returns (process, host, port)."""
-    from urial_edge.servers import launch
+    from urial_edge.testing.server_process import launch
 
     proc, info = launch(["--model", str(model), "--prompt", str(prompt_file), *extra],
                         env={**os.environ, "URIAL_EDGE_HOME": str(home)}, timeout=120)

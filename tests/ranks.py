@@ -71,10 +71,12 @@ def probe(n: int, env: dict, out: Path, model, prompt, options: dict, queries: l
 def main(out: str, model: str, prompt: str, options: str, *queries: str) -> None:
     import resource
 
-    import urial_edge  # noqa: F401  (first: it sets up the optimised BLAS before MLX loads)
+    from urial_edge.model.backend import prepare
+
+    prepare()  # first: the optimised BLAS before MLX loads
     import mlx.core as mx
 
-    from urial_edge.assistant import Assistant
+    from urial_edge.runtime.assistant import Assistant
 
     bot = Assistant.load(model, prompt, **json.loads(options))
     loaded = time.perf_counter() - STARTED

@@ -3,7 +3,7 @@
 import pytest
 
 from conftest import make_tiny_model
-from urial_edge.assistant import Assistant
+from urial_edge.runtime.assistant import Assistant
 from urial_edge.errors import UrialError
 
 
@@ -81,7 +81,7 @@ def test_batch_reuses_the_prefix(home, tiny_llama, prompt_file):
     bot = load(tiny_llama, prompt_file)
     answers = list(bot.batch(["a?", "b?", "a?"]))
     assert answers[0].text == answers[2].text
-    from urial_edge.prompt import render_turn
+    from urial_edge.runtime.prompt import render_turn
 
     for q, a in zip(["a?", "b?", "a?"], answers):
         assert a.stats.prefill_tokens == len(bot.after_prefix(render_turn(q)))
@@ -109,7 +109,7 @@ def test_a_prefix_whose_last_token_merges_differently_is_split_where_tokens_are_
                                                                                      prompt_file, arch):
     """GPT-2-style tokenizers make the prefix's closing blank line one token at the end of the text but
     two before "# Query:". The cached part stops before it, so every path feeds the whole text's tokens."""
-    from urial_edge.prompt import render_history, render_turn
+    from urial_edge.runtime.prompt import render_history, render_turn
 
     bot = load(make_tiny_model(tmp_path / arch, arch, gpt2_split=True), prompt_file, max_tokens=10)
     assert bot.prefix_tail == "\n\n"

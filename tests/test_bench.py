@@ -1,11 +1,16 @@
 """The benchmark suite runs end to end (on a tiny model) and writes consistent results."""
 
 import json
+import sys
+from pathlib import Path
 
 import pytest
 
 from conftest import make_tiny_gguf
-from urial_edge.bench import ROW_LLAMA_CPP, run_suite
+from urial_edge.bench.suite import ROW_LLAMA_CPP, run_suite
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+from suite_report import render  # noqa: E402  (the report is drawn by code under benchmarks/)
 
 
 @pytest.mark.slow
@@ -31,6 +36,7 @@ def test_suite_writes_every_row_and_consistent_ratios(home, tmp_path):
     assert batch["queries"] == 8 and batch["vs_single"]["identical"] == 8  # batched answers equal single ones
     assert saved["ratios"]["batch of 8 / sequential"] == pytest.approx(batch["batched / sequential"])
     assert [r["clients"] for r in saved["batching"]["server"]["concurrency"]] == [1, 8]
+    render(saved, out)
     table = (out / "suite.md").read_text()
     assert all(name in table for name in cold)
-    assert "Machine: platform" in table
+    assert "Machine: platform" in table and (out / "suite.png").stat().st_size > 0

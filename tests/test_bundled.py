@@ -2,7 +2,7 @@
 
 import pytest
 
-from urial_edge.prompt import SAMPLE_QUERIES, boundary_problems, load_prompt
+from urial_edge.runtime.prompt import SAMPLE_QUERIES, boundary_problems, load_prompt
 
 pytestmark = pytest.mark.slow
 
@@ -14,7 +14,7 @@ def bot(bundled_home):
     import os
 
     os.environ["URIAL_EDGE_HOME"] = str(bundled_home)
-    from urial_edge.assistant import Assistant
+    from urial_edge.runtime.assistant import Assistant
 
     return Assistant.load(max_tokens=40)
 
@@ -55,7 +55,7 @@ def test_prefix_ids_are_an_exact_prefix_of_every_prompt(bot, name):
 
 
 def test_quantized_kv_cache_answers(bot, bundled_home):
-    from urial_edge.assistant import Assistant
+    from urial_edge.runtime.assistant import Assistant
 
     q8 = Assistant(bot.model, bot.config, bot.tokenizer, bot.model_path, bot.prompt, bot.options, 8, True, None)
     assert q8.prefix.key != bot.prefix.key

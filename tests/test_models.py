@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 from conftest import smollm2_gguf
-from urial_edge import gguf_import
-from urial_edge.models import model_info, resolve_model
+from urial_edge.model import gguf_import
+from urial_edge.model.store import model_info, resolve_model
 from urial_edge.errors import UrialError
 
 DATA = Path(__file__).parent / "data"
@@ -58,7 +58,7 @@ def test_bundled_tensors_equal_dequantized_gguf(bundled, bundled_home):
 
 @pytest.mark.slow
 def test_bundled_tokenizer_ids(bundled):
-    from urial_edge.tokenizer import Tokenizer
+    from urial_edge.model.tokenizer import Tokenizer
 
     expected = json.loads((DATA / "gemma3_token_ids.json").read_text())
     tok = Tokenizer(bundled)
@@ -80,8 +80,8 @@ PARAGRAPH = (
 def test_bundled_perplexity_on_english(bundled):
     import mlx.core as mx
 
-    from urial_edge.modeling import load_model
-    from urial_edge.tokenizer import Tokenizer
+    from urial_edge.model.loading import load_model
+    from urial_edge.model.tokenizer import Tokenizer
 
     model, _ = load_model(bundled)
     ids = Tokenizer(bundled).encode(PARAGRAPH, bos=True)
@@ -94,7 +94,7 @@ def test_bundled_perplexity_on_english(bundled):
 
 @pytest.mark.slow
 def test_smollm2_llama_import_answers_paris(home):
-    from urial_edge.assistant import Assistant
+    from urial_edge.runtime.assistant import Assistant
 
     path = resolve_model(str(smollm2_gguf()))
     config = json.loads((path / "config.json").read_text())

@@ -7,12 +7,12 @@ import sys
 import pytest
 
 from conftest import make_tiny_model
-from urial_edge import prefix_cache
-from urial_edge.engine import Engine, Request
-from urial_edge.modeling import load_model
-from urial_edge.models import model_fingerprint
-from urial_edge.options import GenerationOptions
-from urial_edge.tokenizer import Tokenizer
+from urial_edge.runtime import kv_file, prefix_cache
+from urial_edge.runtime.engine import Engine, Request
+from urial_edge.model.loading import load_model
+from urial_edge.model.store import model_fingerprint
+from urial_edge.runtime.options import GenerationOptions
+from urial_edge.model.tokenizer import Tokenizer
 
 PREFIX = "# Instruction\n\nYou are a helpful assistant. " * 4 + "\n\n"
 QUERIES = ["# Query:\n```\nWhat is two plus two?\n```\n\n# Answer:\n```\n",
@@ -118,7 +118,7 @@ def test_cache_from_another_model_is_not_used(home, tmp_path, capsys):
     _, _, _, again = setup(b)
     assert not again.hit and "is not this prompt's state" in capsys.readouterr().err
     # a's tensors with metadata forged to claim b's key and tokens: the layer check refuses them
-    prefix_cache.save(pb.path, pa.state, {"key": pb.key, "tokens_sha256": prefix_cache.tokens_digest(prefix)})
+    kv_file.save(pb.path, pa.state, {"key": pb.key, "tokens_sha256": kv_file.tokens_digest(prefix)})
     _, _, _, forged = setup(b)
     assert not forged.hit and "does not fit this model" in capsys.readouterr().err
 
@@ -153,7 +153,7 @@ def test_full_disk_still_answers_and_leaves_no_partial_file(home, tiny_llama, ca
             f.write(b"partial")
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(prefix_cache.mlx_cache, "save_prompt_cache", disk_full)
+    monkeypatch.setattr(kv_file.mlx_cache, "save_prompt_cache", disk_full)
     model, tok, prefix, pc = setup(tiny_llama)
     err = capsys.readouterr().err
     assert "no space left on device" in err and len(err.strip().splitlines()) == 1
@@ -208,16 +208,16 @@ def test_clear_by_size_and_age(home, tmp_path):
 
 
 def test_interrupted_build_leaves_nothing_and_next_run_works(home, tiny_llama, monkeypatch):
-    real_save = prefix_cache.mlx_cache.save_prompt_cache
+    real_save = kv_file.mlx_cache.save_prompt_cache
 
     def interrupted(path, *args, **kwargs):
         with open(path, "wb") as f:
             f.write(b"half")
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(prefix_cache.mlx_cache, "save_prompt_cache", interrupted)
+    monkeypatch.setattr(kv_file.mlx_cache, "save_prompt_cache", interrupted)
     with pytest.raises(KeyboardInterrupt):
         setup(tiny_llama)
     assert not [p for p in (home / "cache").iterdir() if p.suffix != ".lock"]
-    monkeypatch.setattr(prefix_cache.mlx_cache, "save_prompt_cache", real_save)
+    monkeypatch.setattr(kv_file.mlx_cache, "save_prompt_cache", real_save)
     assert not setup(tiny_llama)[3].hit and setup(tiny_llama)[3].hit

@@ -4,7 +4,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from urial_edge import prompt as urial
+from urial_edge.runtime import prompt as urial
 from urial_edge.errors import UrialError
 
 SHIPPED = {"urial-k0": 0, "urial-k1": 1, "urial-k3": 3, "urial-k8": 8, "urial-k4-direct": 4}  # name: examples
@@ -82,7 +82,7 @@ def test_shipped_prompts_are_all_listed():
 
 
 def test_direct_prompt_examples_open_without_apology_or_greeting():
-    from urial_edge import metrics
+    from urial_edge.eval import metrics
 
     p = urial.load_prompt("urial-k4-direct")
     assert not any(metrics.APOLOGY_PHRASES[0] in ex.answer.lower() for ex in p.examples)
@@ -131,7 +131,7 @@ def test_check_reports_duplicates_and_frame_lines():
 
 
 def test_stop_matcher_holds_back_partial_stops():
-    from urial_edge.output import StopMatcher
+    from urial_edge.runtime.detokenizer import StopMatcher
 
     m = StopMatcher(urial.STOP_STRINGS)
     out = "".join(m.feed(piece) for piece in ["Hello", " world", "\n", "``", "`\n"])

@@ -41,7 +41,7 @@ def test_plain_and_streamed_chat_agree(server):
 
 
 def test_multi_turn_reuses_the_conversation_state(server):
-    from urial_edge.assistant import Assistant
+    from urial_edge.runtime.assistant import Assistant
 
     first = chat(server, [{"role": "user", "content": "Hello!"}])
     history = [{"role": "user", "content": "Hello!"},
@@ -132,7 +132,7 @@ def test_api_key_is_checked(tmp_path, tiny_llama):
 def test_refuses_public_host_without_key(tmp_path, tiny_llama):
     from click.testing import CliRunner
 
-    from urial_edge.cli import cli
+    from urial_edge.cli.main import cli
 
     result = CliRunner().invoke(cli, ["serve", "--model", str(tiny_llama), "--host", "0.0.0.0"],
                                 env={"URIAL_EDGE_HOME": str(tmp_path)})
@@ -144,9 +144,9 @@ def test_ask_uses_the_running_server(server):
     base = [sys.executable, "-m", "urial_edge.cli", "ask", "--model", str(server["model"]),
             "--prompt", str(server["prompt"]), "--max-tokens", "12", "--json", "Name a river."]
     via = json.loads(subprocess.run(base, capture_output=True, text=True, env=env, check=True).stdout)
-    local = json.loads(subprocess.run(base + ["--no-daemon"], capture_output=True, text=True, env=env,
+    local = json.loads(subprocess.run(base + ["--no-server"], capture_output=True, text=True, env=env,
                                       check=True).stdout)
-    assert via["stats"]["daemon"].endswith(str(server["port"])) and "daemon" not in local["stats"]
+    assert via["stats"]["server"].endswith(str(server["port"])) and "server" not in local["stats"]
     assert via["text"] == local["text"]
     status = subprocess.run([sys.executable, "-m", "urial_edge.cli", "serve", "--status"], capture_output=True,
                             text=True, env=env)
@@ -159,7 +159,8 @@ def test_chat_uses_the_running_server(server):
             "--prompt", str(server["prompt"]), "--max-tokens", "8"]
     script = "Hello!\nTell me more.\n/exit\n"
     via = subprocess.run(base, input=script, capture_output=True, text=True, env=env, check=True)
-    local = subprocess.run(base + ["--no-daemon"], input=script, capture_output=True, text=True, env=env, check=True)
+    local = subprocess.run(base + ["--no-daemon"], input=script, capture_output=True, text=True, env=env,
+                           check=True)  # the 0.1 spelling of --no-server
     assert "using the server" in via.stderr and "using the server" not in local.stderr
     assert via.stdout == local.stdout
 
@@ -171,10 +172,10 @@ CLI_VALUES = {"max_tokens": ("7", 7), "temperature": ("0.7", 0.7), "top_p": ("0.
               "stop": ("zz", ["zz"])}
 
 
-def test_every_cli_option_reaches_the_in_process_and_the_daemon_path(server):
+def test_every_cli_option_reaches_the_in_process_and_the_server_path(server):
     from dataclasses import fields
 
-    from urial_edge.options import GenerationOptions, option_spec
+    from urial_edge.runtime.options import GenerationOptions, option_spec
 
     assert set(CLI_VALUES) == {f.name for f in fields(GenerationOptions)}  # a new option needs a value here
     env = {**os.environ, "URIAL_EDGE_HOME": str(server["home"])}
@@ -184,15 +185,15 @@ def test_every_cli_option_reaches_the_in_process_and_the_daemon_path(server):
         argv += [option_spec(name).flags[0], text]
     argv.append("Name a river.")
     via = json.loads(subprocess.run(argv, capture_output=True, text=True, env=env, check=True).stdout)
-    local = json.loads(subprocess.run(argv + ["--no-daemon"], capture_output=True, text=True, env=env,
+    local = json.loads(subprocess.run(argv + ["--no-server"], capture_output=True, text=True, env=env,
                                       check=True).stdout)
-    assert "daemon" in via["stats"] and "daemon" not in local["stats"]
+    assert "server" in via["stats"] and "server" not in local["stats"]
     expected = {option_spec(n).json_keys[0] if option_spec(n).json_keys else n: v for n, (_, v) in CLI_VALUES.items()}
     assert local["options"] == expected and via["options"] == expected
     assert via["text"] == local["text"] and via["tokens"] == local["tokens"] <= 7
 
 
-def test_a_preset_reaches_the_daemon_path_too(server):
+def test_a_preset_reaches_the_server_path_too(server):
     env = {**os.environ, "URIAL_EDGE_HOME": str(server["home"])}
     argv = [sys.executable, "-m", "urial_edge.cli", "ask", "--model", str(server["model"]), "--prompt",
             str(server["prompt"]), "--json", "--preset", "urial-greedy", "--max-tokens", "6", "Hello?"]

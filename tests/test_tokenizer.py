@@ -6,8 +6,8 @@ from pathlib import Path
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from urial_edge.paths import tokenizers_dir
-from urial_edge.tokenizer import Tokenizer, load_index
+from urial_edge.disk.paths import tokenizers_dir
+from urial_edge.model.tokenizer import Tokenizer, load_index
 
 CORPUS = [
     "The quick brown fox jumps over the lazy dog. " * 3,
@@ -127,8 +127,8 @@ def test_remembered_ids_are_checked(tmp_path, home):
 @pytest.mark.slow
 def test_bundled_lazy_tokenizer_is_exact(bundled):
     """Gemma's 262k vocabulary: the lazy path matches the full tokenizer on prompts and varied text."""
-    from urial_edge.prompt import load_prompt, render_prefix
-    from urial_edge.tokenizer import _build_full
+    from urial_edge.runtime.prompt import load_prompt, render_prefix
+    from urial_edge.model.tokenizer import _build_full
 
     raw = (bundled / "tokenizer.json").read_bytes()
     full = _build_full(raw, bundled)
@@ -191,7 +191,7 @@ def test_replaced_tokenizer_file_is_noticed(tmp_path, home):
                  st.text(max_size=40).map(lambda t: ["text", t])))
 def test_streaming_detokenizer_equals_full_decode(pair, ids):
     """Token by token (byte fallback, split characters, leading spaces) the pieces join to decode(ids)."""
-    from urial_edge.output import StreamingDetokenizer
+    from urial_edge.runtime.detokenizer import StreamingDetokenizer
 
     for tok in pair:
         token_ids = tok.encode(ids[1]) if ids[:1] == ["text"] else ids
@@ -203,7 +203,7 @@ def test_streaming_detokenizer_equals_full_decode(pair, ids):
 
 def test_bytes_that_never_make_a_character_are_not_held_forever(pair):
     """Output that is not text (a run of stray continuation bytes) still streams, bounded by MAX_HELD."""
-    from urial_edge.output import MAX_HELD, StreamingDetokenizer
+    from urial_edge.runtime.detokenizer import MAX_HELD, StreamingDetokenizer
 
     for tok in pair:
         stray = [i for i in range(tok.vocab_size) if tok.decode([i]) == "\ufffd"][:1] * (3 * MAX_HELD)

@@ -1,19 +1,24 @@
-"""urial-edge: tuning-free alignment of base LLMs on a laptop, with a cached URIAL prefix."""
+"""urial-edge: tuning-free alignment of base LLMs on a laptop, with a cached URIAL prefix.
+
+Importing this package changes nothing in the process. The API classes import
+MLX; they load on first use, after :func:`urial_edge.model.backend.prepare` has
+set up a fast BLAS and light ``mlx_lm`` imports (see that module).
+"""
 
 __version__ = "0.1.0"
 
-from .startup import prepare
 from .errors import UrialError
 
-prepare()  # before anything imports MLX: light mlx_lm imports and an optimised BLAS
-
-__all__ = ["Assistant", "Answer", "ChatSession", "UrialError", "__version__"]
+__all__ = ["Assistant", "Answer", "AnswerStream", "ChatSession", "UrialError", "__version__"]
+_API = {"Assistant": "assistant", "Answer": "answer", "AnswerStream": "answer", "ChatSession": "chat"}
 
 
 def __getattr__(name):
-    # the API classes import MLX; load them on first use so `--version` and `--help` stay instant
-    if name in ("Assistant", "Answer", "ChatSession", "AnswerStream"):
-        from . import assistant
+    if name in _API:
+        from importlib import import_module
 
-        return getattr(assistant, name)
+        from .model.backend import prepare
+
+        prepare()
+        return getattr(import_module(f".runtime.{_API[name]}", __name__), name)
     raise AttributeError(f"module 'urial_edge' has no attribute {name!r}")

@@ -1,0 +1,1 @@
+"""The ``urial-edge`` command line: one module per command group, shared options in :mod:`.options`."""

@@ -1,0 +1,254 @@
+"""Answering: ``ask`` (one query), ``chat`` (a conversation), ``batch`` (a JSONL file of queries).
+
+All three answer in-process through the Python API, or through a running
+``urial-edge serve`` for the same model, prompt and ``--kv-bits`` when there is
+one (``ask`` and ``chat``; ``--no-server`` never uses one).
+"""
+
+import json
+import sys
+from pathlib import Path
+from typing import Optional
+
+import click
+
+from ..disk.paths import servers_dir
+from ..disk.results import append_results, read_results
+from ..distributed import world as distributed
+from ..errors import UrialError
+from ..log import warn
+from ..model.store import resolve_model
+from ..runtime.prompt import load_prompt, render_prefix
+from ..serve.discovery import find_server
+from .group import EXIT_BATCH_INVALID
+from .options import generation_options, load_assistant, load_options, read_stdin, split_generation, text_argument
+
+# --no-daemon is the 0.1 spelling, still accepted
+no_server_option = click.option("--no-server", "--no-daemon", "no_server", is_flag=True,
+                                help="Never use a running `urial-edge serve`; answer in-process.")
+
+
+@click.command()
+@click.argument("query", required=False)
+@load_options
+@generation_options
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object with text, stats and options.")
+@click.option("--verbose", "-v", is_flag=True, help="Print stats to stderr.")
+@no_server_option
+def ask(query, as_json, verbose, no_server, **kwargs):
+    """Answer QUERY (or standard input when QUERY is '-' or input is piped)."""
+    query = text_argument(query, "QUERY")
+    if query is None or query == "-":
+        if query is None and sys.stdin.isatty():
+            raise UrialError("no query: pass it as an argument, or pipe it on standard input")
+        query = distributed.leader_stdin(read_stdin)  # under mlx.launch: rank 0 reads, every rank gets it
+    if not query.strip():
+        raise UrialError("the query is empty")
+    options = split_generation(kwargs)
+    stream = None
+    if not (no_server or kwargs["no_cache"]):
+        stream = server_stream(kwargs, [{"role": "user", "content": query}], options)
+    if stream is None:
+        stream = load_assistant(**kwargs, options=options).stream(query, no_cache=kwargs["no_cache"])
+    show(stream, as_json, verbose)
+
+
+def show(stream, as_json: bool, verbose: bool) -> None:
+    """Print an answer stream: pieces as they come, or one JSON object at the end."""
+    if as_json:
+        answer = stream.finish()
+        click.echo(json.dumps(answer.as_dict(), ensure_ascii=False))
+    else:
+        for piece in stream:
+            click.echo(piece, nl=False)
+        click.echo()
+        answer = stream.answer
+    if verbose:
+        via = f" | via server {answer.server}" if answer.server else ""
+        click.echo(format_stats(answer.stats.as_dict(), answer.finish_reason) + via, err=True)
+
+
+def running_server_for(kwargs: dict):
+    """A verified, answering server for the requested model, prompt and KV precision, if any."""
+    if distributed.active() or not any(servers_dir().glob("*.json")):  # split models answer in-process
+        return None
+    prefix = render_prefix(load_prompt(kwargs["prompt"]))
+    info, silent = find_server(resolve_model(kwargs["model"]), prefix, kwargs["kv_bits"])
+    if info is None:
+        for s in silent:
+            warn(f"the server at {s['host']}:{s['port']} (pid {s['pid']}) does not answer; answering here")
+    return info
+
+
+def server_stream(kwargs: dict, messages: list, options):
+    """A stream of the answer from a running server; None if there is none or it cannot take the request."""
+    info = running_server_for(kwargs)
+    if info is None:
+        return None
+    from ..serve.client import ServerBusy, remote_stream  # imports MLX (the Answer type)
+
+    try:
+        return remote_stream(info, messages, options)
+    except (OSError, ServerBusy) as e:
+        warn(f"the server at {info['host']}:{info['port']} cannot answer ({e}); answering here")
+        return None
+
+
+def format_stats(stats: dict, finish_reason: str) -> str:
+    return (f"ttft {stats['ttft']:.3f}s (queue {stats.get('queue_seconds', 0):.3f}s) | prefill "
+            f"{stats['prefill_tokens']} tok @ {stats['prefill_tps']:.1f} tok/s | "
+            f"decode {stats['generation_tokens']} tok @ {stats['generation_tps']:.1f} tok/s | "
+            f"cache {'hit' if stats['cache_hit'] else 'miss'} ({stats['cached_tokens']} tok) | "
+            f"peak {stats['peak_memory_mb']:.0f} MB | finish {finish_reason}")
+
+
+@click.command()
+@load_options
+@generation_options
+@click.option("--session", "-s", default=None, help="Persist the conversation and its KV state under this name.")
+@click.option("--verbose", "-v", is_flag=True, help="Print stats after each answer.")
+@no_server_option
+def chat(session, verbose, no_server, **kwargs):
+    """Interactive multi-turn chat. Commands: /reset, /save [NAME], /exit."""
+    from ..runtime.sessions import check_name  # imports MLX, as loading the model will
+
+    if session is not None:
+        try:
+            check_name(text_argument(session, "--session"))
+        except UrialError as e:
+            raise click.BadParameter(str(e), param_hint="--session") from None
+    options = split_generation(kwargs)
+    info = None if (no_server or session or kwargs["no_cache"]) else running_server_for(kwargs)
+    if info is not None:
+        from ..serve.client import RemoteChat
+
+        conversation = RemoteChat(info, options)
+        click.echo(f"(using the server at {info['host']}:{info['port']})", err=True)
+    else:
+        conversation = load_assistant(**kwargs, options=options).chat(session)
+    if conversation.turns:
+        click.echo(f"(resumed session {session!r}: {len(conversation.turns)} turns)", err=True)
+    click.echo("Type a message; /reset, /save [NAME], /exit. Ctrl-C stops an answer.", err=True)
+    repl(conversation, session, verbose)
+
+
+def repl(conversation, session: Optional[str], verbose: bool) -> None:
+    while True:
+        try:
+            click.echo(">>> ", nl=False, err=True)
+            line = distributed.leader_input(sys.stdin.readline)  # under mlx.launch: rank 0's line
+        except KeyboardInterrupt:
+            click.echo("", err=True)
+            break
+        if not line:
+            break
+        message = line.strip()
+        if not message:
+            continue
+        try:
+            if message.startswith("/"):
+                if chat_command(conversation, message):
+                    break
+                continue
+            stream = conversation.stream(message)
+            try:
+                for piece in stream:
+                    click.echo(piece, nl=False)
+                click.echo()
+            except KeyboardInterrupt:
+                click.echo("\n(stopped; this turn was not kept)", err=True)
+                continue
+            if verbose:
+                click.echo(format_stats(stream.answer.stats.as_dict(), stream.answer.finish_reason), err=True)
+            if session:
+                conversation.save()
+        except UrialError as e:  # the conversation goes on; nothing said so far is lost
+            click.echo(f"error: {' '.join(str(e).split())}", err=True)
+
+
+def chat_command(conversation, message: str) -> bool:
+    """Run a /command; True to end the chat."""
+    command, _, arg = message.partition(" ")
+    if command in ("/exit", "/quit", "/bye"):
+        return True
+    if command == "/reset":
+        conversation.reset()
+        click.echo("(conversation cleared)", err=True)
+    elif command == "/save":
+        path = conversation.save(arg.strip() or None)
+        click.echo(f"(saved to {path})", err=True)
+    else:
+        click.echo(f"unknown command {command}: use /reset, /save [NAME] or /exit", err=True)
+    return False
+
+
+def read_batch(path: Path):
+    """Yield ``(line number, id, query, problem)`` for each non-blank line of a JSONL file."""
+    try:
+        handle = open(path, "rb")
+    except OSError as e:
+        raise UrialError(f"cannot read {path}: {e.strerror}") from None
+    with handle:
+        for number, raw in enumerate(handle, 1):
+            if not raw.strip():
+                continue
+            try:
+                item = json.loads(raw.decode("utf-8"))
+            except (UnicodeDecodeError, ValueError) as e:
+                yield number, None, None, f"not valid JSON ({type(e).__name__})"
+                continue
+            if not isinstance(item, dict):
+                yield number, None, None, "not a JSON object"
+                continue
+            query, item_id = item.get("query"), item.get("id", number)
+            if not isinstance(query, str) or not query.strip():
+                yield number, item_id, None, "missing or empty 'query'"
+            elif not isinstance(item_id, (str, int)) or isinstance(item_id, bool):
+                yield number, None, None, "'id' must be a string or an integer"
+            else:
+                yield number, item_id, query, None
+
+
+@click.command()
+@click.argument("infile", type=click.Path(path_type=Path))
+@click.option("--output", "-o", "out", required=True, type=click.Path(path_type=Path), help="JSONL results file.")
+@click.option("--batch-size", type=click.IntRange(1, 256), default=8, show_default=True,
+              help="Answers decoded together.")
+@load_options
+@generation_options
+def batch(infile, out, batch_size, **kwargs):
+    """Answer every {"id", "query"} line of INFILE into OUTPUT (resumable, in input order)."""
+    # under mlx.launch rank 0 alone reads (and writes) the files and hands the lines to every rank
+    items, finished = distributed.leader_input(lambda: (list(read_batch(infile)), list(read_results(out))))
+    finished = set(finished)
+    invalid = [(n, problem) for n, _, _, problem in items if problem]
+    todo, seen = [], set(finished)
+    for n, item_id, query, problem in items:
+        if problem:
+            continue
+        if item_id in seen:
+            if item_id not in finished:
+                invalid.append((n, f"duplicate id {item_id!r}"))
+            continue
+        seen.add(item_id)
+        todo.append((n, item_id, query))
+    requests, ids = [], []
+    if todo:
+        options = split_generation(kwargs)
+        assistant = load_assistant(**kwargs, options=options, batch_size=batch_size)
+        for n, item_id, query in todo:
+            try:
+                requests.append(assistant.request(query, no_cache=kwargs["no_cache"]))
+                ids.append(item_id)
+            except UrialError as e:
+                invalid.append((n, str(e)))
+    for n, problem in sorted(invalid):
+        click.echo(f"{infile}:{n}: {problem}", err=True)
+    if requests and distributed.is_leader():
+        append_results(out, ids, (answer.as_dict() for answer in assistant.run(requests, batch_size)))
+    elif requests:  # the other ranks compute the same answers in step with rank 0
+        for _ in assistant.run(requests, batch_size):
+            pass
+    click.echo(f"{len(requests)} answered, {len(finished)} already done, {len(invalid)} invalid", err=True)
+    if invalid:
+        sys.exit(EXIT_BATCH_INVALID)

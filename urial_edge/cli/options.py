@@ -1,0 +1,107 @@
+"""Options shared by several commands, declared once: the model and prompt, ``--kv-bits``, ``--no-cache``,
+the generation options (derived from ``runtime/options.py``), and reading text from the user.
+
+Nothing heavy is imported here, so ``--help`` and ``--version`` start instantly.
+"""
+
+import sys
+from dataclasses import fields
+from typing import Optional
+
+import click
+
+from ..errors import UrialError
+from ..runtime.options import (KV_BITS, PRESETS, GenerationOptions, check, option_names, parse_kv_bits,
+                               with_changes)
+from ..runtime.prompt import DEFAULT_PROMPT
+
+model_option = click.option("--model", "-m", default=None, metavar="MODEL",
+                            help="Registry name, MLX model directory, .gguf file or HF repo id.")
+prompt_option = click.option("--prompt", "-p", default=None, metavar="NAME_OR_PATH",
+                             help=f"URIAL prompt: a shipped name ({DEFAULT_PROMPT} default) or a file.")
+kv_bits_option = click.option("--kv-bits", type=click.Choice(KV_BITS), default="none", show_default=True,
+                              callback=lambda ctx, param, value: parse_kv_bits(value),
+                              help="Quantize the cached KV state.")
+
+
+def model_options(f):
+    """``--model`` and ``--prompt``."""
+    return model_option(prompt_option(f))
+
+
+def load_options(f):
+    """Options for loading a model and prompt (before any generation option)."""
+    f = click.option("--no-cache", is_flag=True, help="Skip the prefix cache: full prefill every time.")(f)
+    return model_options(kv_bits_option(f))
+
+
+class OptionValue(click.ParamType):
+    """A generation option's value, checked by its declaration in runtime/options.py (bad values exit 2)."""
+
+    def __init__(self, option: str):
+        self.option = option
+        self.name = option.replace("_", "-")
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, str) and self.option not in ("stop",):
+            try:
+                value = float(value) if any(c in value.lower() for c in ".ein") else int(value)
+            except ValueError:
+                self.fail(f"{value!r} is not a number", param, ctx)
+        try:
+            checked = check(self.option, [value] if self.option == "stop" else value)
+        except UrialError as e:
+            self.fail(str(e), param, ctx)
+        return checked[0] if self.option == "stop" else checked
+
+
+def declared_options(f):
+    """The generation options of runtime/options.py as click options (derived from there, not listed here)."""
+    for item in reversed(fields(GenerationOptions)):
+        spec = item.metadata["spec"]
+        default = "" if item.default in (None, ()) else f" [default: {item.default}]"
+        metavar = {"stop": "TEXT", "seed": "INTEGER"}.get(item.name, type(item.default).__name__.upper())
+        f = click.option(*spec.flags, item.name, type=OptionValue(item.name), default=None, metavar=metavar,
+                         multiple=item.name == "stop", help=spec.help + default)(f)
+    return f
+
+
+def generation_options(f):
+    """The declared generation options and --preset (a named set of them)."""
+    return click.option("--preset", type=click.Choice(sorted(PRESETS)), default=None,
+                        help="Start from a named set of options (see README); the options below override it.")(
+        declared_options(f))
+
+
+def split_generation(kwargs: dict) -> GenerationOptions:
+    """Pop the generation options (and --preset) from ``kwargs``; return the GenerationOptions they make."""
+    changes = {name: kwargs.pop(name) for name in option_names()}
+    return with_changes(kwargs.pop("preset"), changes)
+
+
+def load_assistant(model, prompt, kv_bits: Optional[int], no_cache: bool, options=None, **load):
+    """The Assistant the options name (imports MLX: call it only once the command needs the model)."""
+    from ..runtime.assistant import Assistant
+
+    assistant = Assistant.load(model, prompt, kv_bits=kv_bits, cache=not no_cache, **load)
+    if options is not None:
+        assistant.options = options
+    return assistant
+
+
+def read_stdin() -> str:
+    data = sys.stdin.buffer.read()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise UrialError(f"standard input is not valid UTF-8 (byte {e.start})") from None
+
+
+def text_argument(value: Optional[str], name: str) -> Optional[str]:
+    """A command-line text that survived the OS's decoding (exit 2 if it holds invalid UTF-8)."""
+    if value is not None:
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            raise click.BadParameter("not valid UTF-8", param_hint=name) from None
+    return value

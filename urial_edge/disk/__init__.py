@@ -1,0 +1,1 @@
+"""Where urial-edge keeps things on disk, and how it writes them (atomically, durably)."""

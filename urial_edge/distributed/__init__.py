@@ -1,0 +1,1 @@
+"""One model split over several processes started by ``mlx.launch``: the group, the split, lock-step serving."""

@@ -1,0 +1,1 @@
+"""``urial-edge eval``: question sets, configs, judge-free metrics, a judge model, reports."""

@@ -1,0 +1,1 @@
+"""urial-edge as a plugin of other tools (``llm``)."""

@@ -1,0 +1,1 @@
+"""The runtime: prompt -> tokens -> prefix KV state -> batched engine -> answer text, behind :class:`Assistant`."""

@@ -1,0 +1,75 @@
+"""What an answer is: its text, why it ended, its stats; and the stream it arrives in.
+
+Answers come from the local engine (:func:`generation_stream`) or from a
+running server (``serve/client.py``); both give the same two types.
+"""
+
+from dataclasses import dataclass, field
+from typing import Callable, Dict, Iterable, Iterator, List, Optional
+
+from .engine import Generation, Stats
+
+
+@dataclass
+class Answer:
+    """One finished answer."""
+
+    text: str
+    tokens: int
+    finish_reason: str  # "stop" (end of answer), "length" (hit max_tokens) or "cancelled"
+    stats: Stats
+    token_ids: List[int] = field(default_factory=list, repr=False)
+    options: Dict[str, object] = field(default_factory=dict, repr=False)  # the generation options used
+    server: Optional[str] = None  # "host:port" of the server that answered, if one did
+
+    def as_dict(self) -> dict:
+        stats = self.stats.as_dict()
+        if self.server:
+            stats["server"] = self.server
+        return {"text": self.text, "finish_reason": self.finish_reason, "tokens": self.tokens, "stats": stats,
+                "options": self.options}
+
+
+class AnswerStream:
+    """Text pieces of an answer as they are generated; after iteration, ``.answer`` has the result."""
+
+    def __init__(self, pieces: Iterable[str], result: Callable[[str], Answer],
+                 on_done: Optional[Callable[[Answer], None]] = None, cancel: Optional[Callable[[], None]] = None,
+                 generation: Optional[Generation] = None):
+        self._pieces, self._result, self._on_done, self._cancel = pieces, result, on_done, cancel
+        self.generation = generation  # the engine's generation behind a local answer (None for a server's)
+        self._text: List[str] = []
+        self.answer: Optional[Answer] = None
+
+    def __iter__(self) -> Iterator[str]:
+        try:
+            for piece in self._pieces:
+                self._text.append(piece)
+                yield piece
+        except GeneratorExit:  # the consumer stopped reading: stop generating too
+            self.cancel()
+            raise
+        self.answer = self._result("".join(self._text).strip())
+        if self._on_done:
+            self._on_done(self.answer)
+
+    def finish(self) -> Answer:
+        """Consume the rest of the stream and return the answer."""
+        if self.answer is None:
+            for _ in self:
+                pass
+        return self.answer
+
+    def cancel(self) -> None:
+        """Stop generating; the answer so far is kept with finish_reason "cancelled"."""
+        if self._cancel:
+            self._cancel()
+
+
+def generation_stream(seq: Generation, on_done=None) -> AnswerStream:
+    """The stream of an engine generation's text, and its Answer at the end."""
+    def result(text: str) -> Answer:
+        return Answer(text, seq.stats.generation_tokens, seq.finish_reason, seq.stats, seq.token_ids,
+                      seq.request.options.to_json())
+
+    return AnswerStream(seq, result, on_done, seq.cancel, seq)

@@ -1,0 +1,250 @@
+"""The Python API: an aligned assistant on a base model, answering from the cached URIAL prefix.
+
+    from urial_edge import Assistant
+
+    bot = Assistant.load()                      # bundled base model, default prompt (urial-k4-direct)
+    print(bot.ask("What is a prime number?").text)
+    for piece in bot.stream("Name three rivers."):
+        print(piece, end="")
+    for answer in bot.batch(["Q1", "Q2", "Q3"]):   # decoded together, yielded in order
+        print(answer.text)
+    chat = bot.chat()
+    chat.send("Plan a day in Lisbon.")
+
+Every answer is a generation in one batched engine (``engine.py``): ``ask`` and
+``stream`` are a batch of one, ``batch`` keeps up to ``batch_size`` answers in
+flight, and a server started with :meth:`Assistant.start` lets many threads
+stream at once.
+"""
+
+import time
+from pathlib import Path
+from typing import Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
+
+from ..distributed import sharding
+from ..errors import UrialError
+from ..model.loading import context_length
+from ..model.store import model_fingerprint
+from ..model.tokenizer import Tokenizer
+from ..progress import Progress, progress_bar
+from . import prompt as urial
+from . import sessions
+from .answer import Answer, AnswerStream, generation_stream
+from .chat import ChatSession
+from .engine import Engine, Generation, Request, Stats
+from .options import GenerationOptions, with_changes
+from .prefix_cache import PrefixCache, load_or_build
+from .state_cache import StateCache
+
+DEFAULT_BATCH_SIZE = 8
+DEFAULT_STATE_BYTES = 1 << 30
+
+
+class Assistant:
+    """A base model aligned in context by a URIAL prompt, with its prefix KV state cached."""
+
+    def __init__(self, model, config: dict, tokenizer: Tokenizer, model_path: Path, prompt: urial.Prompt,
+                 options: GenerationOptions, kv_bits: Optional[int] = None, use_cache: bool = True,
+                 progress: Optional[Progress] = None, batch_size: int = DEFAULT_BATCH_SIZE,
+                 max_queued: Optional[int] = None, state_bytes: int = DEFAULT_STATE_BYTES):
+        self.model = model
+        self.config = config
+        self.tokenizer = tokenizer
+        self.model_path = model_path
+        self.prompt = prompt
+        self.options = options
+        self.kv_bits = kv_bits
+        self.use_cache = use_cache
+        self.batch_size = batch_size
+        self.context_length = context_length(config)
+        self.model_id = model_fingerprint(model_path)
+        self.prefix_text = urial.render_prefix(prompt)
+        self.prefix_ids, self.prefix_tail = urial.stable_prefix(
+            tokenizer, self.prefix_text, tokenizer.encode(self.prefix_text, bos=True, remember=True))
+        if len(self.prefix_ids) >= self.context_length:
+            raise UrialError(
+                f"prompt {prompt.name!r} is {len(self.prefix_ids)} tokens, longer than the model's "
+                f"context of {self.context_length}"
+            )
+        self.progress = progress
+        self.engine = Engine(model, tokenizer, tokenizer.eos_ids, self.context_length, max_active=batch_size,
+                             max_queued=max_queued)
+        self.states = StateCache(state_bytes)
+        self._prefix: Optional[PrefixCache] = None
+        self.shard: Optional[dict] = None  # this rank's part of a split model (distributed/sharding.py)
+
+    @classmethod
+    def load(cls, model: Optional[str] = None, prompt: Optional[str] = None, *, kv_bits: Optional[int] = None,
+             cache: bool = True, progress: Optional[Progress] = None, preset: Optional[str] = None,
+             batch_size: int = DEFAULT_BATCH_SIZE, max_queued: Optional[int] = None,
+             state_bytes: int = DEFAULT_STATE_BYTES, **generation_options) -> "Assistant":
+        """Load a model (name, directory, .gguf or repo id) and a URIAL prompt (name or path).
+
+        ``cache=False`` skips the on-disk prefix cache (every answer does a full prefill).
+        Generation options (``max_tokens``, ``temperature``, ``top_p``, ``repetition_penalty``,
+        ``repetition_context``, ``seed``, ``stop``) start from ``preset`` (see ``options.PRESETS``).
+        ``batch_size`` is how many answers decode together; ``max_queued`` bounds the
+        requests waiting beyond them (``EngineBusy`` past it); ``state_bytes`` bounds the memory
+        kept for conversation states.
+        """
+        options = with_changes(preset, generation_options)
+        loaded_prompt = urial.load_prompt(prompt)
+        path, weights, config, shard = sharding.load(model)  # under mlx.launch: this rank's part
+        assistant = cls(weights, config, Tokenizer(path), path, loaded_prompt, options, kv_bits, cache, progress,
+                        batch_size, max_queued, state_bytes)
+        assistant.shard = shard
+        return assistant
+
+    # -- the prefix ---------------------------------------------------------
+
+    @property
+    def prefix(self) -> PrefixCache:
+        """The prefix KV state, loaded from disk or built (and saved) on first use."""
+        if self._prefix is None:
+            self._prefix = load_or_build(
+                self.model, self.prefix_ids, self.model_id, self.tokenizer.fingerprint,
+                {"model": str(self.model_path), "prompt": self.prompt.name,
+                 "prompt_version": self.prompt.version},
+                kv_bits=self.kv_bits, use_disk=True,
+                progress=self.progress or progress_bar("caching prefix tokens"), shard=self.shard,
+            )
+        return self._prefix
+
+    def start(self) -> None:
+        """Run the engine on a thread of its own, so that many threads can stream answers at once."""
+        self.prefix  # load or build it before any request needs it
+        self.engine.start()
+
+    # -- answering ----------------------------------------------------------
+
+    def _options(self, overrides: dict) -> GenerationOptions:
+        return self.options.replace(**overrides)
+
+    def check_query(self, query) -> str:
+        """The query, stripped; a one-line error if it is empty or not text."""
+        if not isinstance(query, str):
+            raise UrialError(f"the query must be a string, got {type(query).__name__}")
+        if not query.strip():
+            raise UrialError("the query is empty")
+        return query.strip()
+
+    def _fit(self, used: int, new: int) -> None:
+        if self.context_length - used - new < 1:
+            raise UrialError(f"the query is {new} tokens but only {self.context_length - used} tokens of "
+                             f"context are left after the {used}-token prefix")
+
+    def after_prefix(self, text: str) -> List[int]:
+        """Token ids of ``text`` where it follows the cached prefix (the same as in the whole text)."""
+        return self.tokenizer.encode(self.prefix_tail + text)
+
+    def stable_after_prefix(self, text: str) -> List[int]:
+        """The ids of ``text`` after the prefix that stay the same whatever block follows it."""
+        ids = self.after_prefix(text)
+        return ids[:urial.common_prefix(ids, self.after_prefix(text + urial.PROBE))]
+
+    def request(self, query: str, *, history: Sequence[Tuple[str, str]] = (), system: str = "",
+                no_cache: bool = False, remember: Optional[bool] = None, **options) -> Request:
+        """The engine request for a query: tokens, starting state and options (checked, not yet queued).
+
+        ``remember`` (default: when there is a history or a system text) keeps the state after the
+        prompt in memory, so that a follow-up of this conversation starts from it.
+        """
+        started = time.perf_counter()
+        query = self.check_query(query)
+        text = (urial.render_system(system) if system and system.strip() else "") + \
+            urial.render_history(history, query)
+        rest = self.after_prefix(text)
+        self._fit(len(self.prefix_ids), len(rest))
+        opts = self._options(options)
+        if no_cache or not self.use_cache:
+            return Request(self.prefix_ids + rest, None, (), opts, started=started)
+        prefix = self.prefix
+        stats = Stats(cache_hit=prefix.hit, cached_tokens=len(prefix.tokens))
+        if not (remember if remember is not None else history or system):
+            return Request(rest, prefix.fresh(), prefix.tokens, opts, stats=stats, started=started)
+        # a conversation: start from the longest state stored for it, and store this one's
+        ids = list(prefix.tokens) + rest
+        n, state = self.states.longest_prefix(ids, at_least=len(prefix.tokens))
+        if state is None:
+            n, state = len(prefix.tokens), prefix.fresh()
+        stats.cached_tokens = n
+        store = (lambda s: self.states.put(ids[:-1], s)) if len(ids) - n > 1 else None
+        return Request(ids[n:], state, ids[:n], opts, on_prefilled=store, stats=stats, started=started)
+
+    def submit(self, request: Request) -> AnswerStream:
+        """Queue a request (see :meth:`request`) and return its stream."""
+        return generation_stream(self.engine.submit(request))
+
+    def stream(self, query: str, *, history: Sequence[Tuple[str, str]] = (), system: str = "",
+               no_cache: bool = False, remember: Optional[bool] = None, **options) -> AnswerStream:
+        """Answer ``query`` as text pieces while it is generated; ``.answer`` holds the result after.
+
+        ``history`` is a list of earlier ``(query, answer)`` turns and ``system`` an extra
+        instruction, both rendered after the cached prefix (states of such conversations
+        are remembered, so a follow-up only prefills its new tokens).
+        """
+        return self.submit(self.request(query, history=history, system=system, no_cache=no_cache,
+                                        remember=remember, **options))
+
+    def ask(self, query: str, *, history: Sequence[Tuple[str, str]] = (), system: str = "",
+            no_cache: bool = False, **options) -> Answer:
+        """Answer ``query`` (greedy by default) and return the text with stats."""
+        return self.stream(query, history=history, system=system, no_cache=no_cache, **options).finish()
+
+    def complete(self, text: str, **options) -> AnswerStream:
+        """A raw continuation of ``text`` (no URIAL frame), reusing any stored state it extends."""
+        if not isinstance(text, str) or not text:
+            raise UrialError("the text to complete is empty")
+        ids = self.tokenizer.encode(text, bos=True)
+        self._fit(0, len(ids))
+        n, state = self.states.longest_prefix(ids)
+        stats = Stats(cache_hit=state is not None, cached_tokens=n)
+        opts = self.options.replace(stop=()).replace(**options)
+        return self.submit(Request(ids[n:], state, ids[:n], opts, framed=False, stats=stats))
+
+    def batch(self, queries: Iterable[str], *, batch_size: Optional[int] = None, no_cache: bool = False,
+              **options) -> Iterator[Answer]:
+        """Answer every query, up to ``batch_size`` decoding together; answers come in input order.
+
+        All queries are checked before anything is generated (a one-line error names the bad one).
+        """
+        requests = []
+        for i, q in enumerate(queries):
+            try:
+                requests.append(self.request(q, no_cache=no_cache, **options))
+            except UrialError as e:
+                raise UrialError(f"query {i + 1}: {e}") from None
+        return self.run(requests, batch_size)
+
+    def run(self, requests: List[Request], batch_size: Optional[int] = None) -> Iterator[Answer]:
+        """Run prepared requests with at most ``batch_size`` in flight; yield answers in order."""
+        size = max(1, batch_size or self.batch_size)
+        ahead = 4 * size  # finished answers held back for order stay few
+        running: Dict[int, Generation] = {}
+        done: Dict[int, Answer] = {}
+        submitted = emitted = 0
+        try:
+            while emitted < len(requests):
+                while submitted < len(requests) and len(running) < size and submitted - emitted < ahead:
+                    requests[submitted].started = time.perf_counter()  # held back until now: not its wait
+                    running[submitted] = self.engine.submit(requests[submitted])
+                    submitted += 1
+                for i in [i for i, seq in running.items() if seq.finish_reason is not None]:
+                    done[i] = generation_stream(running.pop(i)).finish()
+                if emitted in done:
+                    yield done.pop(emitted)
+                    emitted += 1
+                elif running:
+                    self.engine.advance(next(iter(running.values())))
+        finally:
+            for seq in running.values():
+                seq.cancel()
+
+    def chat(self, session: Optional[str] = None) -> "ChatSession":
+        """A multi-turn session; with a name, it is loaded from disk if saved before."""
+        if session is not None:
+            sessions.check_name(session)
+            saved = ChatSession.load(self, session)
+            if saved is not None:
+                return saved
+        return ChatSession(self, name=session)

@@ -1,0 +1,137 @@
+"""A multi-turn conversation whose KV state grows turn by turn, saved to and resumed from disk."""
+
+import time
+from pathlib import Path
+from typing import List, Optional, Sequence, Tuple
+
+from ..distributed import world as distributed
+from ..errors import UrialError
+from ..log import warn
+from . import prompt as urial
+from . import sessions
+from .answer import Answer, AnswerStream, generation_stream
+from .engine import Request, Stats
+from .kv_state import copy_cache, prefill
+
+
+class ChatSession:
+    """A conversation whose KV state grows turn by turn.
+
+    Earlier turns are never prefilled again. The state always holds a prefix of
+    the conversation's canonical token ids (its whole text tokenized at once):
+    after each answer it is cut back to where the generated tokens and the
+    canonical ids of the finished turn agree; when a sliding-window layer has
+    wrapped and cannot be cut back, the pre-turn state is kept and the turn is
+    fed again with the next message. So every answer equals that of a fresh
+    full render.
+    """
+
+    def __init__(self, assistant, name: Optional[str] = None):
+        self.assistant = assistant
+        self.name = sessions.check_name(name) if name is not None else None
+        self.turns: List[Tuple[str, str]] = []
+        self.ids: List[int] = list(assistant.prefix.tokens)  # what self.state holds
+        self.state: list = assistant.prefix.fresh()
+
+    def reset(self) -> None:
+        self.turns = []
+        self.ids = list(self.assistant.prefix.tokens)
+        self.state = self.assistant.prefix.fresh()
+
+    def conversation_ids(self, more: str = "", stable: bool = False) -> List[int]:
+        """The canonical ids of the prefix, the finished turns and ``more``; with ``stable`` only those
+        that no further text changes."""
+        a = self.assistant
+        text = "".join(urial.render_turn(q, answer) for q, answer in self.turns) + more
+        return list(a.prefix.tokens) + (a.stable_after_prefix(text) if stable else a.after_prefix(text))
+
+    @property
+    def pending(self) -> List[int]:
+        """Canonical ids of the finished turns that the state does not hold yet."""
+        return self.conversation_ids()[len(self.ids):]
+
+    def stream(self, message: str, **options) -> AnswerStream:
+        """Send ``message``; iterate for the answer's pieces. The turn is recorded when it ends."""
+        a = self.assistant
+        started = time.perf_counter()
+        message = a.check_query(message)
+        new_ids = self.conversation_ids(urial.render_turn(message))[len(self.ids):]
+        a._fit(len(self.ids), len(new_ids))
+        stats = Stats(cache_hit=a.prefix.hit, cached_tokens=len(self.ids))
+        seq = a.engine.submit(Request(new_ids, self.state, self.ids, a._options(options), keep_state=True,
+                                      stats=stats, started=started))
+
+        def record(answer: Answer) -> None:
+            if answer.finish_reason in ("stop", "length") and seq.state is not None:
+                self._record(message, answer.text, seq.state, self.ids + new_ids + seq.token_ids)
+
+        return generation_stream(seq, on_done=record)
+
+    def send(self, message: str, **options) -> Answer:
+        """Send ``message`` and return the answer."""
+        return self.stream(message, **options).finish()
+
+    def _record(self, message: str, answer: str, state: list, held: List[int]) -> None:
+        """Keep the turn; ``state`` holds ``held``, of which the canonical part is kept."""
+        self.turns.append((message, answer))
+        target = self.conversation_ids(stable=True)
+        keep = urial.common_prefix(held, target)
+        extra = len(held) - keep
+        if keep >= len(self.ids) and (extra == 0 or all(c.is_trimmable() for c in state)):
+            for c in state:
+                c.trim(extra)
+            self.state, self.ids = state, target[:keep]
+
+    # -- persistence ----------------------------------------------------------
+
+    def save(self, name: Optional[str] = None) -> Path:
+        """Write the conversation and its KV state to the session store (one atomic, durable file)."""
+        name = name if name is not None else self.name
+        if not name:
+            raise UrialError("a session needs a name to be saved")
+        sessions.check_name(name)
+        a = self.assistant
+        record = sessions.SessionRecord(name, list(self.turns), list(self.ids), list(self.pending), a.prefix.key,
+                                        str(a.model_path), a.prompt.name)
+        path = sessions.save(record, self.state, a.shard)
+        sessions.remove_legacy(name)
+        self.name = name
+        return path
+
+    @classmethod
+    def load(cls, assistant, name: str) -> Optional["ChatSession"]:
+        """A saved session, or None if there is none. A state that is not exactly its turns' is rebuilt."""
+        found = sessions.agree_on_session(sessions.load(name, assistant.shard))  # rank 0's, when split
+        if found is None:
+            return None
+        record, state = found
+        session = cls(assistant, name=name)
+        session.turns = record.turns
+        expected = session.conversation_ids()
+        usable = False
+        if state is not None and record.prefix_key != assistant.prefix.key:
+            warn(f"session {name!r} was saved with another model or prompt; rebuilding its KV state")
+        elif state is not None and record.ids + record.pending != expected:
+            warn(f"session {name!r}: its KV state does not match its turns; rebuilding it")
+        else:
+            usable = state is not None
+        if distributed.all_ranks_have(usable, f"session {name!r}"):  # one process: just `usable`
+            session.state, session.ids = state, record.ids
+            return session
+        return cls.from_turns(assistant, record.turns, name=name)
+
+    @classmethod
+    def from_turns(cls, assistant, turns: Sequence[Tuple[str, str]],
+                   name: Optional[str] = None) -> "ChatSession":
+        """A session holding earlier ``(query, answer)`` turns, their KV state built in one prefill.
+
+        For conversations kept elsewhere (a saved session whose state is stale, ``llm``'s log).
+        """
+        session = cls(assistant, name=name)
+        session.turns = [(q, a) for q, a in turns]
+        ids = session.conversation_ids(stable=True)
+        if len(ids) > len(session.ids):
+            session.state = copy_cache(session.state)
+            prefill(assistant.model, ids[len(session.ids):], session.state)
+            session.ids = ids
+        return session

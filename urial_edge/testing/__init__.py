@@ -1,0 +1,4 @@
+"""Support for the tests and the benchmarks (tiny random models, a server in a subprocess).
+
+The runtime never imports this package.
+"""
