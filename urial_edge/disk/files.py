@@ -9,6 +9,7 @@ writers need) so that listings skip them and ``cache clear`` can remove leftover
 """
 
 import contextlib
+import errno
 import os
 import shutil
 import tempfile
@@ -21,6 +22,7 @@ from .paths import ensure_dir
 
 TMP_MARK = ".tmp"
 STALE_TMP_SECONDS = 600  # a writer that has not touched its temporary file for this long is gone
+FULL_BELOW = 1 << 20  # a filesystem with less free space than this, after a failed write, is full
 
 
 def fsync_dir(path: Path) -> None:
@@ -73,6 +75,16 @@ def atomic_file(target: Path, suffix: str = "") -> Iterator[Path]:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def failed_write(path: Path, detail: str) -> OSError:
+    """The OSError for a write that a library reported otherwise (MLX raises RuntimeError with no errno):
+    "no space left" when the filesystem is all but full, else the library's own words."""
+    try:
+        full = shutil.disk_usage(path.parent).free < FULL_BELOW
+    except OSError:
+        full = False
+    return OSError(errno.ENOSPC, "No space left on device") if full else OSError(errno.EIO, detail)
 
 
 def write_bytes_atomic(target: Path, data: bytes) -> None:

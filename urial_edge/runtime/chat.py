@@ -11,7 +11,7 @@ from . import prompt as urial
 from . import sessions
 from .answer import Answer, AnswerStream, generation_stream
 from .engine import Request, Stats
-from .kv_state import copy_cache, prefill
+from .kv_state import check_fits, copy_cache, prefill
 
 
 class ChatSession:
@@ -32,18 +32,21 @@ class ChatSession:
         self.turns: List[Tuple[str, str]] = []
         self.ids: List[int] = list(assistant.prefix.tokens)  # what self.state holds
         self.state: list = assistant.prefix.fresh()
+        self.revision: Optional[str] = None  # of the session file this chat loaded or saved last
 
     def reset(self) -> None:
         self.turns = []
         self.ids = list(self.assistant.prefix.tokens)
         self.state = self.assistant.prefix.fresh()
 
-    def conversation_ids(self, more: str = "", stable: bool = False) -> List[int]:
+    def conversation_ids(self, more: str = "", stable: bool = False, fit: bool = False) -> List[int]:
         """The canonical ids of the prefix, the finished turns and ``more``; with ``stable`` only those
-        that no further text changes."""
+        that no further text changes; with ``fit``, refused if they do not fit in the context."""
         a = self.assistant
         text = "".join(urial.render_turn(q, answer) for q, answer in self.turns) + more
-        return list(a.prefix.tokens) + (a.stable_after_prefix(text) if stable else a.after_prefix(text))
+        if stable:
+            return list(a.prefix.tokens) + a.stable_after_prefix(text)
+        return list(a.prefix.tokens) + a.after_prefix(text, used=len(a.prefix.tokens) if fit else None)
 
     @property
     def pending(self) -> List[int]:
@@ -55,7 +58,7 @@ class ChatSession:
         a = self.assistant
         started = time.perf_counter()
         message = a.check_query(message)
-        new_ids = self.conversation_ids(urial.render_turn(message))[len(self.ids):]
+        new_ids = self.conversation_ids(urial.render_turn(message), fit=True)[len(self.ids):]
         a._fit(len(self.ids), len(new_ids))
         stats = Stats(cache_hit=a.prefix.hit, cached_tokens=len(self.ids))
         seq = a.engine.submit(Request(new_ids, self.state, self.ids, a._options(options), keep_state=True,
@@ -93,9 +96,9 @@ class ChatSession:
         a = self.assistant
         record = sessions.SessionRecord(name, list(self.turns), list(self.ids), list(self.pending), a.prefix.key,
                                         str(a.model_path), a.prompt.name)
-        path = sessions.save(record, self.state, a.shard)
+        path = sessions.save(record, self.state, self.revision if name == self.name else None, a.shard)
         sessions.remove_legacy(name)
-        self.name = name
+        self.name, self.revision = name, sessions.revision(record)
         return path
 
     @classmethod
@@ -104,21 +107,29 @@ class ChatSession:
         found = sessions.agree_on_session(sessions.load(name, assistant.shard))  # rank 0's, when split
         if found is None:
             return None
-        record, state = found
+        record, state, revision = found
         session = cls(assistant, name=name)
-        session.turns = record.turns
-        expected = session.conversation_ids()
-        usable = False
-        if state is not None and record.prefix_key != assistant.prefix.key:
-            warn(f"session {name!r} was saved with another model or prompt; rebuilding its KV state")
-        elif state is not None and record.ids + record.pending != expected:
-            warn(f"session {name!r}: its KV state does not match its turns; rebuilding it")
-        else:
-            usable = state is not None
+        session.turns, session.revision = record.turns, revision
+        problem = None if state is None else session._unusable(record, state)
+        if problem:
+            warn(f"session {name!r}: {problem}; rebuilding its KV state")
+        usable = state is not None and problem is None
         if distributed.all_ranks_have(usable, f"session {name!r}"):  # one process: just `usable`
             session.state, session.ids = state, record.ids
             return session
-        return cls.from_turns(assistant, record.turns, name=name)
+        rebuilt = cls.from_turns(assistant, record.turns, name=name)
+        rebuilt.revision = revision
+        return rebuilt
+
+    def _unusable(self, record: sessions.SessionRecord, state: list) -> Optional[str]:
+        """Why a saved state cannot continue this conversation with this assistant (None if it can)."""
+        a = self.assistant
+        if record.prefix_key != a.prefix.key:
+            return "it was saved with another model or prompt"
+        if record.ids + record.pending != self.conversation_ids():
+            return "its KV state does not match its turns"
+        problem = check_fits(state, a.model, None, len(record.ids))
+        return f"its KV state does not fit this model ({problem})" if problem else None
 
     @classmethod
     def from_turns(cls, assistant, turns: Sequence[Tuple[str, str]],

@@ -1,10 +1,13 @@
 """The file format of stored KV states (prefix caches and chat sessions).
 
 A file is an mlx-lm prompt cache (``mlx_lm.models.cache.load_prompt_cache``
-reads it) whose metadata also carries a CRC-32 of the tensor data. It is written
+reads it) whose metadata also carries a CRC-32 of the tensor data and the state's
+geometry (each layer's kind, numbers, and array shapes and dtypes). It is written
 atomically and durably (``disk.files.atomic_file``); :func:`load` refuses a file
-that cannot be read or fails its checksum. What a file claims to hold (its key,
-its token ids) is checked by its owner, which knows what to expect.
+that cannot be read, fails its checksum, is not a consistent state, or whose
+tensors are not those its geometry records (damage a recomputed checksum hides).
+What a file claims to hold (its key, its token ids) and whether it fits a model
+are checked by its owner, which knows what to expect.
 """
 
 import hashlib
@@ -17,8 +20,9 @@ import mlx.core as mx
 from mlx.utils import tree_flatten, tree_unflatten
 from mlx_lm.models import cache as mlx_cache
 
-from ..disk.files import atomic_file
+from ..disk.files import atomic_file, failed_write
 from ..errors import one_line
+from .kv_state import geometry, layout_problem
 
 
 def checksum(cache: list) -> str:
@@ -45,11 +49,16 @@ def library_versions() -> dict:
 
 
 def save(path: Path, cache: list, metadata: dict) -> None:
-    """Write the state atomically and durably, with a checksum of its data (values become JSON strings)."""
+    """Write the state atomically and durably, with a checksum of its data and its geometry (values become
+    JSON strings). A full disk is a UrialError: MLX reports failed writes as RuntimeError, not OSError."""
     meta = {k: v if isinstance(v, str) else json.dumps(v) for k, v in metadata.items()}
     meta["checksum"] = checksum(cache)
+    meta["geometry"] = json.dumps(geometry(cache))
     with atomic_file(path, suffix=".safetensors") as tmp:
-        mlx_cache.save_prompt_cache(str(tmp), cache, meta)
+        try:
+            mlx_cache.save_prompt_cache(str(tmp), cache, meta)
+        except RuntimeError as e:
+            raise failed_write(tmp, one_line(e)) from None
 
 
 def load(path: Path) -> Tuple[list, dict]:
@@ -60,6 +69,11 @@ def load(path: Path) -> Tuple[list, dict]:
         raise ValueError(f"unreadable ({one_line(e)})") from None
     if meta.get("checksum") != checksum(cache):
         raise ValueError("checksum mismatch (the file is damaged)")
+    problem = layout_problem(cache)
+    if problem:
+        raise ValueError(f"is not a consistent state ({problem})")
+    if "geometry" in meta and meta["geometry"] != json.dumps(geometry(cache)):
+        raise ValueError("has tensors of other shapes than its metadata records (the file was changed)")
     return cache, meta
 
 

@@ -8,10 +8,9 @@ The prefix cache, saved sessions and the engine all hold states of this kind.
 from typing import List, Optional
 
 import mlx.core as mx
-from mlx.utils import tree_map
+from mlx.utils import tree_flatten, tree_map
 from mlx_lm.models import cache as mlx_cache
 
-from ..model.loading import model_dtype
 from ..progress import Progress
 
 PREFILL_STEP = 512  # tokens per forward pass when filling a state (the engine's chunk size too)
@@ -72,22 +71,71 @@ def copy_cache(cache: list) -> list:
     return [type(c).from_state(tree_map(copy, c.state)) for c in cache]
 
 
+def geometry(cache: list) -> List[dict]:
+    """What each layer of a state is, as JSON: its kind, its numbers (offset, window size and keep, ...)
+    and the shape and dtype of every array. Recorded in every file, so that a file whose tensors were
+    changed is found without the model (``cache verify``)."""
+    layers = []
+    for c in cache:
+        arrays, numbers = [], []
+        for _, x in tree_flatten(c.state):
+            if isinstance(x, mx.array):
+                arrays.append([list(x.shape), str(x.dtype)])
+            else:
+                numbers.append(x)
+        layers.append({"kind": type(c).__name__, "numbers": numbers, "arrays": arrays})
+    return layers
+
+
+def _positions(c) -> Optional[int]:
+    keys = c.keys[0] if isinstance(c.keys, (tuple, list)) else c.keys
+    return None if keys is None else keys.shape[2]
+
+
+def layout_problem(cache: list) -> Optional[str]:
+    """Why ``cache`` is not a consistent state of one sequence, whatever the model (None if it is):
+    every layer's keys and values are 4-d, for one sequence, hold as many positions as each other,
+    and enough for the tokens the layer claims."""
+    for i, c in enumerate(cache):
+        arrays = [a for _, a in tree_flatten([c.keys, c.values]) if isinstance(a, mx.array)]
+        if not arrays or any(a.ndim != 4 or a.shape[0] != 1 for a in arrays):
+            return f"layer {i} has arrays of shapes {[tuple(a.shape) for a in arrays]}"
+        n = _positions(c)
+        if any(a.shape[2] != n for a in arrays):
+            return f"layer {i} has keys and values of different lengths"
+        window = getattr(c, "max_size", None)
+        need = c.offset if window is None else min(c.offset, window)
+        if n < need or (window is not None and not 0 <= c._idx <= n):
+            return f"layer {i} holds {n} positions for {c.offset} tokens"
+    return None
+
+
+def _expected(model, kv_bits: Optional[int]) -> list:
+    """The model's empty state after one token, built lazily (shapes and dtypes only: nothing is computed)."""
+    cache = make_cache(model, kv_bits)
+    model(mx.array([[0]]), cache=cache)
+    return cache
+
+
 def check_fits(cache: list, model, kv_bits: Optional[int], n_tokens: int) -> Optional[str]:
-    """Why ``cache`` cannot be used with ``model`` (None if it can)."""
-    expected = make_cache(model, kv_bits)
+    """Why ``cache`` cannot be used with ``model`` (None if it can): the layers, their kinds, window sizes
+    and keep counts, quantization, and the shape (but for the positions) and dtype of every array must be
+    those the model makes, and every layer must hold ``n_tokens`` tokens."""
+    problem = layout_problem(cache)
+    if problem:
+        return problem
+    expected = _expected(model, kv_bits)
     if len(cache) != len(expected):
         return f"{len(cache)} layers in the file, {len(expected)} in the model"
-    probe = model.layers[0].self_attn if hasattr(model.layers[0], "self_attn") else None
-    n_kv = getattr(probe, "n_kv_heads", None)
-    dtype = model_dtype(model)
     for i, (c, e) in enumerate(zip(cache, expected)):
         if type(c) is not type(e):
             return f"layer {i} is {type(c).__name__}, the model needs {type(e).__name__}"
         if c.offset != n_tokens:
             return f"layer {i} holds {c.offset} tokens, the prefix has {n_tokens}"
-        keys = c.keys[0] if isinstance(c.keys, (tuple, list)) else c.keys
-        if keys is None or keys.ndim != 4 or keys.shape[0] != 1 or (n_kv and keys.shape[1] != n_kv):
-            return f"layer {i} has keys of shape {None if keys is None else keys.shape}"
-        if not isinstance(c.keys, (tuple, list)) and keys.dtype != dtype:
-            return f"layer {i} stores {keys.dtype}, the model computes in {dtype}"
+        for name in ("max_size", "keep", "group_size", "bits"):
+            if getattr(c, name, None) != getattr(e, name, None):
+                return f"layer {i} has {name} {getattr(c, name, None)}, the model needs {getattr(e, name, None)}"
+        have, need = geometry([c])[0]["arrays"], geometry([e])[0]["arrays"]
+        if [(s[:2] + s[3:], t) for s, t in have] != [(s[:2] + s[3:], t) for s, t in need]:
+            return f"layer {i} has arrays of {have}, the model needs {need} (but for the positions)"
     return None

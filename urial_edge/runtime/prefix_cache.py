@@ -10,8 +10,9 @@ them) whose metadata also records, in plain words, what they were built from,
 the key, a hash of the token ids and a checksum of the tensor data. On load all
 of it is checked: a file that fails to load, fails its checksum, carries another
 key or other tokens (a file copied over another), or does not fit the loaded
-model is rebuilt with a one-line warning, so an answer never comes from a state
-that is not the one asked for.
+model (its layers, their kinds, window sizes and keep counts, head sizes and
+positions: ``kv_state.check_fits``) is rebuilt with a one-line warning, so an
+answer never comes from a state that is not the one asked for.
 
 A model split over several ranks (``distributed/``) keeps one file per rank (the
 key names the rank, the number of ranks and the split); the ranks use their
@@ -42,7 +43,7 @@ from .kv_file import library_versions, tokens_digest
 from .kv_state import KV_GROUP_SIZE, build, check_fits, dequantized
 from .options import parse_kv_bits
 
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3  # 3: files record their geometry (kv_file)
 DEFAULT_MAX_BYTES = "2G"
 
 
@@ -56,6 +57,7 @@ class PrefixCache:
     path: Path
     hit: bool
     seconds: float
+    saved: bool = False  # the state is in its file (found there, or built and written)
 
     def fresh(self) -> list:
         """The state as float caches a request can start from (quantized layers dequantized)."""
@@ -103,14 +105,14 @@ def load_or_build(
     if shard and not all_ranks_have(found is not None, f"prefix cache {path.name}"):
         found = None  # a split model: every rank uses its stored part, or all rebuild together
     if found is not None:
-        return PrefixCache(key, tokens, found, path, True, time.perf_counter() - started)
+        return PrefixCache(key, tokens, found, path, True, time.perf_counter() - started, saved=True)
     writable = _writable_dir(cache_dir())
     lock = file_lock(path.with_suffix(".lock")) if writable else None
     with lock if lock is not None else contextlib.nullcontext():
         if not shard and writable and _mtime(path) != seen:  # another process built it meanwhile
             found = _try_load(path, key, model, kv_bits, tokens)
         if found is not None:
-            return PrefixCache(key, tokens, found, path, True, time.perf_counter() - started)
+            return PrefixCache(key, tokens, found, path, True, time.perf_counter() - started, saved=True)
         cache = build(model, tokens, kv_bits, progress)
         metadata = {
             **description,
@@ -123,14 +125,20 @@ def load_or_build(
             "key": key,
             **({"shard": shard} if shard else {}),
         }
-        if writable:
-            try:
-                kv_file.save(path, cache, metadata)
-            except UrialError as e:
-                warn(f"prefix cache not saved: {e}")
+        saved = writable and _save(path, cache, metadata)
     if writable:
         enforce_limit(keep=path)
-    return PrefixCache(key, tokens, cache, path, False, time.perf_counter() - started)
+    return PrefixCache(key, tokens, cache, path, False, time.perf_counter() - started, saved)
+
+
+def _save(path: Path, cache: list, metadata: dict) -> bool:
+    """Write a built state; a store that cannot take it (full, read-only) is a warning: the answer comes anyway."""
+    try:
+        kv_file.save(path, cache, metadata)
+    except UrialError as e:
+        warn(f"prefix cache not saved: {e}")
+        return False
+    return True
 
 
 def _mtime(path: Path) -> Optional[int]:

@@ -12,10 +12,17 @@ turns re-render to those ids, and the state holds that many tokens. Otherwise
 the state is rebuilt from the turns with a warning; an answer never comes from
 another conversation's state.
 
+Two chats in one session (two processes, or two sessions of one name in a
+process): a save happens under a file lock and only replaces the file the chat
+loaded or saved last (its *revision*, a digest of what it holds). If another chat
+saved the session meanwhile, the save is refused with a one-line error and
+nothing on disk changes; the conversation can be saved under another name.
+
 Sessions saved by urial-edge 0.1 (a ``sessions/<name>/`` directory) are read
 too: their turns are kept and their state rebuilt.
 """
 
+import hashlib
 import json
 import shutil
 import time
@@ -23,16 +30,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import List, Optional, Tuple
 
-from ..disk.files import remove_stale_temporaries
+from filelock import Timeout
+
+from ..disk.files import file_lock, remove_stale_temporaries
 from ..disk.paths import sessions_dir
 from ..distributed import world as distributed
 from ..errors import UrialError
 from ..log import warn
-from . import kv_file
+from . import kv_file, validate
 from .kv_file import tokens_digest
 
 FORMAT = 2
-MAX_NAME = 100
+MAX_NAME = 100  # bytes of UTF-8: the file name and its temporary's must fit in 255
+LOCK_WAIT = 30.0  # seconds a save waits for another process's save of the same session
 
 
 @dataclass
@@ -50,13 +60,30 @@ class SessionRecord:
 
 def check_name(name) -> str:
     """A session name that is safe as a file name, or a one-line error."""
-    if not isinstance(name, str):
-        raise UrialError(f"a session name must be a string, got {type(name).__name__}")
-    if not name or len(name) > MAX_NAME or name.startswith(".") or \
+    validate.text(name, "a session name")
+    if not name or len(name.encode("utf-8")) > MAX_NAME or name.startswith(".") or \
             not all(ch.isalnum() or ch in "-_." for ch in name):
-        raise UrialError(f"invalid session name {name[:40]!r}: use up to {MAX_NAME} letters, digits, '-', '_' "
-                         "and '.' (not starting with '.')")
+        raise UrialError(f"invalid session name {name[:40]!r}: use letters, digits, '-', '_' and '.' (not "
+                         f"starting with '.'), up to {MAX_NAME} bytes")
     return name
+
+
+def revision(record: SessionRecord) -> str:
+    """A digest of what a session holds (not which rank's prefix state it grew from, so every rank of a
+    split model has the same): what a chat loaded or saved, to tell whether another saved since."""
+    held = {k: v for k, v in record.__dict__.items() if k != "prefix_key"}
+    return hashlib.sha256(json.dumps(held, sort_keys=True).encode()).hexdigest()
+
+
+def _saved_revision(path: Path, name: str) -> Optional[str]:
+    """The revision of the session file at ``path``: None if there is none, "" if it cannot be read
+    (a damaged file holds nothing to lose)."""
+    if not path.exists():
+        return None
+    try:
+        return revision(_record(json.loads(kv_file.header_metadata(path)["session"]), name))
+    except (KeyError, TypeError, ValueError, UrialError):
+        return ""
 
 
 def session_path(name: str, shard: Optional[dict] = None) -> Path:
@@ -67,12 +94,20 @@ def session_path(name: str, shard: Optional[dict] = None) -> Path:
     return sessions_dir() / f"{check_name(name)}.safetensors"
 
 
-def save(record: SessionRecord, state: list, shard: Optional[dict] = None) -> Path:
-    """Write the session atomically and durably; returns its file."""
+def save(record: SessionRecord, state: list, replaces: Optional[str], shard: Optional[dict] = None) -> Path:
+    """Write the session atomically and durably, if the file there is still the one of revision ``replaces``
+    (None: there is none); returns its file. Another process saving the same session waits its turn."""
     path = session_path(record.name, shard)
     meta = {"format": FORMAT, "session": json.dumps(record.__dict__), "ids_sha256": tokens_digest(record.ids),
             "saved": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-    kv_file.save(path, state, meta)
+    try:
+        with file_lock(path.with_suffix(".lock"), timeout=LOCK_WAIT):
+            if _saved_revision(path, record.name) not in (replaces, ""):
+                raise UrialError(f"session {record.name!r} was saved by another chat or process (it is not the "
+                                 "conversation this one loaded or saved); not saved: save it under another name")
+            kv_file.save(path, state, meta)
+    except Timeout:
+        raise UrialError(f"session {record.name!r} is being saved by another process; not saved") from None
     remove_stale_temporaries(path.parent)  # left by writers that were killed mid-save
     return path
 
@@ -90,22 +125,30 @@ def _record(data: dict, name: str) -> SessionRecord:
         )
     except (KeyError, TypeError, ValueError):
         raise UrialError(f"session {name!r} is damaged (its record is not a session)") from None
-    if not all(isinstance(q, str) and isinstance(a, str) for q, a in record.turns):
-        raise UrialError(f"session {name!r} is damaged (its turns are not text)")
+    try:
+        for q, a in record.turns:
+            validate.text(q, "a query")
+            validate.text(a, "an answer")
+    except UrialError:
+        raise UrialError(f"session {name!r} is damaged (its turns are not text)") from None
     return record
 
 
-def load(name: str, shard: Optional[dict] = None) -> Optional[Tuple[SessionRecord, Optional[list]]]:
-    """The saved record and its KV state (None if the state cannot be trusted); None if there is no session.
+Found = Tuple[SessionRecord, Optional[list], Optional[str]]
+
+
+def load(name: str, shard: Optional[dict] = None) -> Optional[Found]:
+    """The saved record, its KV state (None if the state cannot be trusted) and the file's revision (None
+    for a 0.1 session, which has no file of this format yet); None if there is no session.
 
     The state is checked against the record here (checksum, ids hash, length);
-    the caller checks that it continues the current prefix and turns.
+    the caller checks that it continues the current prefix and turns and fits the model.
     """
     path = session_path(name, shard)
     legacy = sessions_dir() / name / "session.json"
     if not path.exists():
         if legacy.is_file() and not shard:
-            return _load_legacy(legacy, name), None
+            return _load_legacy(legacy, name), None, None
         return None
     try:
         state, meta = kv_file.load(path)
@@ -121,11 +164,10 @@ def load(name: str, shard: Optional[dict] = None) -> Optional[Tuple[SessionRecor
              "(a file copied over another?); resuming that conversation")
     if state is None:
         warn(f"session {name!r}: its KV state is damaged; rebuilding it from its turns")
-        return record, None
-    if meta.get("ids_sha256") != tokens_digest(record.ids) or state[0].offset != len(record.ids):
+    elif meta.get("ids_sha256") != tokens_digest(record.ids) or state[0].offset != len(record.ids):
         warn(f"session {name!r}: its KV state does not hold the tokens its record names; rebuilding it")
-        return record, None
-    return record, state
+        state = None
+    return record, state, revision(record)
 
 
 def _load_legacy(path: Path, name: str) -> SessionRecord:
@@ -154,9 +196,10 @@ def list_sessions() -> List[str]:
     return sorted(names)
 
 
-def agree_on_session(found: Optional[Tuple[SessionRecord, Optional[list]]]) -> Optional[tuple]:
+def agree_on_session(found: Optional[Found]) -> Optional[Found]:
     """Under ``mlx.launch``: rank 0's saved session on every rank. A rank keeps its own state only if its
-    record is the same conversation (else its state is None and all ranks rebuild)."""
+    record is the same conversation (else its state is None and all ranks rebuild; its own file, whatever
+    it holds, is the one its next save replaces)."""
     if not distributed.active():
         return found
     mine = distributed.plain(found[0].__dict__) if found else None
@@ -166,4 +209,4 @@ def agree_on_session(found: Optional[Tuple[SessionRecord, Optional[list]]]) -> O
     if mine is not None and {**mine, "prefix_key": ""} == {**leader, "prefix_key": ""}:
         return found
     warn(f"session {leader['name']!r}: this rank's copy is missing or differs from rank 0's; rebuilding it")
-    return SessionRecord(**{**leader, "turns": [tuple(t) for t in leader["turns"]]}), None
+    return SessionRecord(**{**leader, "turns": [tuple(t) for t in leader["turns"]]}), None, found and found[2]
