@@ -1,26 +1,24 @@
-"""Answering: ``ask`` (one query), ``chat`` (a conversation), ``batch`` (a JSONL file of queries).
+"""Answering: ``ask`` (one query) and ``chat`` (a conversation); ``batch`` is in ``batch.py``.
 
-All three answer in-process through the Python API, or through a running
+Both answer in-process through the Python API, or through a running
 ``urial-edge serve`` for the same model, prompt and ``--kv-bits`` when there is
 one (``ask`` and ``chat``; ``--no-server`` never uses one).
 """
 
 import json
 import sys
-from pathlib import Path
 from typing import Optional
 
 import click
 
 from ..disk.paths import servers_dir
-from ..disk.results import append_results, read_results
 from ..distributed import world as distributed
-from ..errors import UrialError
+from ..errors import UrialError, one_line
 from ..log import warn
 from ..model.store import resolve_model
 from ..runtime.prompt import load_prompt, render_prefix
 from ..serve.discovery import find_server
-from .group import EXIT_BATCH_INVALID
+from .group import fail
 from .options import generation_options, load_assistant, load_options, read_stdin, split_generation, text_argument
 
 # --no-daemon is the 0.1 spelling, still accepted
@@ -39,6 +37,8 @@ def ask(query, as_json, verbose, no_server, **kwargs):
     """Answer QUERY (or standard input when QUERY is '-' or input is piped)."""
     query = text_argument(query, "QUERY")
     if query is None or query == "-":
+        if sys.stdin is None:
+            raise UrialError("no query: standard input is closed; pass the query as an argument")
         if query is None and sys.stdin.isatty():
             raise UrialError("no query: pass it as an argument, or pipe it on standard input")
         query = distributed.leader_stdin(read_stdin)  # under mlx.launch: rank 0 reads, every rank gets it
@@ -129,10 +129,13 @@ def chat(session, verbose, no_server, **kwargs):
     if conversation.turns:
         click.echo(f"(resumed session {session!r}: {len(conversation.turns)} turns)", err=True)
     click.echo("Type a message; /reset, /save [NAME], /exit. Ctrl-C stops an answer.", err=True)
-    repl(conversation, session, verbose)
+    if not repl(conversation, session, verbose):
+        fail("the conversation was not saved (see the error above)")
 
 
-def repl(conversation, session: Optional[str], verbose: bool) -> None:
+def repl(conversation, session: Optional[str], verbose: bool) -> bool:
+    """Chat until /exit or the end of input; False if the conversation's last save failed."""
+    saved = True
     while True:
         try:
             click.echo(">>> ", nl=False, err=True)
@@ -147,8 +150,13 @@ def repl(conversation, session: Optional[str], verbose: bool) -> None:
             continue
         try:
             if message.startswith("/"):
-                if chat_command(conversation, message):
+                command, _, arg = message.partition(" ")
+                if command in ("/exit", "/quit", "/bye"):
                     break
+                if command == "/save":
+                    saved = save(conversation, arg.strip() or None)
+                else:
+                    chat_command(conversation, command)
                 continue
             stream = conversation.stream(message)
             try:
@@ -161,94 +169,28 @@ def repl(conversation, session: Optional[str], verbose: bool) -> None:
             if verbose:
                 click.echo(format_stats(stream.answer.stats.as_dict(), stream.answer.finish_reason), err=True)
             if session:
-                conversation.save()
+                saved = save(conversation, quiet=True)
         except UrialError as e:  # the conversation goes on; nothing said so far is lost
-            click.echo(f"error: {' '.join(str(e).split())}", err=True)
+            click.echo(f"error: {one_line(e)}", err=True)
+    return saved
 
 
-def chat_command(conversation, message: str) -> bool:
-    """Run a /command; True to end the chat."""
-    command, _, arg = message.partition(" ")
-    if command in ("/exit", "/quit", "/bye"):
-        return True
+def save(conversation, name: Optional[str] = None, quiet: bool = False) -> bool:
+    """Save the conversation (under ``name``); a failure is one line and the chat goes on. True if saved."""
+    try:
+        path = conversation.save(name)
+    except UrialError as e:
+        click.echo(f"error: {one_line(e)}", err=True)
+        return False
+    if not quiet:
+        click.echo(f"(saved to {path})", err=True)
+    return True
+
+
+def chat_command(conversation, command: str) -> None:
+    """Run a /command other than /save and /exit."""
     if command == "/reset":
         conversation.reset()
         click.echo("(conversation cleared)", err=True)
-    elif command == "/save":
-        path = conversation.save(arg.strip() or None)
-        click.echo(f"(saved to {path})", err=True)
     else:
         click.echo(f"unknown command {command}: use /reset, /save [NAME] or /exit", err=True)
-    return False
-
-
-def read_batch(path: Path):
-    """Yield ``(line number, id, query, problem)`` for each non-blank line of a JSONL file."""
-    try:
-        handle = open(path, "rb")
-    except OSError as e:
-        raise UrialError(f"cannot read {path}: {e.strerror}") from None
-    with handle:
-        for number, raw in enumerate(handle, 1):
-            if not raw.strip():
-                continue
-            try:
-                item = json.loads(raw.decode("utf-8"))
-            except (UnicodeDecodeError, ValueError) as e:
-                yield number, None, None, f"not valid JSON ({type(e).__name__})"
-                continue
-            if not isinstance(item, dict):
-                yield number, None, None, "not a JSON object"
-                continue
-            query, item_id = item.get("query"), item.get("id", number)
-            if not isinstance(query, str) or not query.strip():
-                yield number, item_id, None, "missing or empty 'query'"
-            elif not isinstance(item_id, (str, int)) or isinstance(item_id, bool):
-                yield number, None, None, "'id' must be a string or an integer"
-            else:
-                yield number, item_id, query, None
-
-
-@click.command()
-@click.argument("infile", type=click.Path(path_type=Path))
-@click.option("--output", "-o", "out", required=True, type=click.Path(path_type=Path), help="JSONL results file.")
-@click.option("--batch-size", type=click.IntRange(1, 256), default=8, show_default=True,
-              help="Answers decoded together.")
-@load_options
-@generation_options
-def batch(infile, out, batch_size, **kwargs):
-    """Answer every {"id", "query"} line of INFILE into OUTPUT (resumable, in input order)."""
-    # under mlx.launch rank 0 alone reads (and writes) the files and hands the lines to every rank
-    items, finished = distributed.leader_input(lambda: (list(read_batch(infile)), list(read_results(out))))
-    finished = set(finished)
-    invalid = [(n, problem) for n, _, _, problem in items if problem]
-    todo, seen = [], set(finished)
-    for n, item_id, query, problem in items:
-        if problem:
-            continue
-        if item_id in seen:
-            if item_id not in finished:
-                invalid.append((n, f"duplicate id {item_id!r}"))
-            continue
-        seen.add(item_id)
-        todo.append((n, item_id, query))
-    requests, ids = [], []
-    if todo:
-        options = split_generation(kwargs)
-        assistant = load_assistant(**kwargs, options=options, batch_size=batch_size)
-        for n, item_id, query in todo:
-            try:
-                requests.append(assistant.request(query, no_cache=kwargs["no_cache"]))
-                ids.append(item_id)
-            except UrialError as e:
-                invalid.append((n, str(e)))
-    for n, problem in sorted(invalid):
-        click.echo(f"{infile}:{n}: {problem}", err=True)
-    if requests and distributed.is_leader():
-        append_results(out, ids, (answer.as_dict() for answer in assistant.run(requests, batch_size)))
-    elif requests:  # the other ranks compute the same answers in step with rank 0
-        for _ in assistant.run(requests, batch_size):
-            pass
-    click.echo(f"{len(requests)} answered, {len(finished)} already done, {len(invalid)} invalid", err=True)
-    if invalid:
-        sys.exit(EXIT_BATCH_INVALID)

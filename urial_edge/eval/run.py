@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Dict, Iterator, List, Optional, Sequence
 
 from ..disk.paths import ensure_dir
-from ..disk.results import append_results, read_results
+from ..disk.results import append_results, other_options, read_results
 from ..errors import UrialError
 from ..model.registry import load_registry
 from ..runtime.assistant import Assistant
@@ -63,10 +63,10 @@ def answer_id(config: Config, question: Question, turn: int) -> str:
 def check_options(records: Dict[Id, dict], configs: Sequence[Config], path: Path) -> None:
     """A config's earlier answers must have been made with the same options."""
     wanted = {c.name: c.options.to_json() for c in configs}
-    for r in records.values():
-        if r.get("config") in wanted and r.get("options") != wanted[r["config"]]:
-            raise UrialError(f"{path} holds answers of {r['config']!r} made with other options; "
-                             "use another output directory or the same options")
+    other = other_options(records, lambda record: wanted.get(record.get("config")))
+    if other is not None:
+        raise UrialError(f"{path} holds answers of {other['config']!r} made with other options; "
+                         "use another output directory or the same options")
 
 
 def run(questions: List[Question], configs: List[Config], out: Path, batch_size: int = 8) -> Dict[Id, dict]:

@@ -1,0 +1,140 @@
+"""``urial-edge batch``: answer every ``{"id", "query"}`` line of a JSONL file (or standard input), resumably.
+
+Lines are answered in input order into a results file (``disk/results.py``), each flushed to disk
+before the next; a rerun skips the ids already answered. Nothing is written over data that is not
+ours: the output may not be the input itself, an existing output must hold our results only, and a
+rerun with other generation options is refused (its lines would mix two setups). A bad line is that
+line's error (exit 3); the others are answered.
+"""
+
+import sys
+from pathlib import Path
+from typing import Iterable, List, Optional, Tuple
+
+import click
+
+from ..disk.results import append_results, other_options, read_results
+from ..distributed import world as distributed
+from ..errors import UrialError
+from ..runtime import validate
+from ..runtime.options import GenerationOptions
+from .group import EXIT_BATCH_INVALID
+from .options import generation_options, load_assistant, load_options, split_generation
+
+BOM = b"\xef\xbb\xbf"
+Line = Tuple[int, object, Optional[str], Optional[str]]  # (line number, id, query, problem)
+
+
+def input_lines(path: Path) -> Iterable[bytes]:
+    """The lines of ``path`` (``-``: standard input), a UTF-8 byte order mark dropped."""
+    if str(path) == "-":
+        if sys.stdin is None:
+            raise UrialError("standard input is closed: nothing to answer")
+        data = sys.stdin.buffer.read()
+    else:
+        try:
+            data = path.read_bytes()
+        except OSError as e:
+            raise UrialError(f"cannot read {path}: {e.strerror}") from None
+    return (data[len(BOM):] if data.startswith(BOM) else data).splitlines()
+
+
+def parse_line(number: int, raw: bytes) -> Tuple[Line, bool]:
+    """One line as ``(number, id, query, problem)``, and whether its id was given (else it is ``number``)."""
+    try:
+        item = validate.loads(raw, "the line")
+    except UrialError as e:
+        return (number, None, None, str(e)), False
+    if not isinstance(item, dict):
+        return (number, None, None, "not a JSON object"), False
+    query, item_id = item.get("query"), item.get("id", number)
+    try:
+        if isinstance(item_id, str):
+            validate.text(item_id, "'id'")
+        if isinstance(query, str):
+            validate.text(query, "'query'")
+    except UrialError as e:
+        return (number, None, None, str(e)), False
+    if not isinstance(query, str) or not query.strip():
+        return (number, item_id, None, "missing or empty 'query'"), "id" in item
+    if not isinstance(item_id, (str, int)) or isinstance(item_id, bool):
+        return (number, None, None, "'id' must be a string or an integer"), False
+    return (number, item_id, query, None), "id" in item
+
+
+def read_batch(path: Path) -> List[Line]:
+    """Every non-blank line of a JSONL file. A line without an ``id`` is known by its line number, unless
+    that number is another line's id (then it is refused: its answer would be taken for that line's)."""
+    parsed = [parse_line(n, raw) for n, raw in enumerate(input_lines(path), 1) if raw.strip()]
+    given = {}
+    for (n, item_id, _, _), explicit in parsed:
+        if explicit:
+            given.setdefault(item_id, n)
+    lines = []
+    for (n, item_id, query, problem), explicit in parsed:
+        if not explicit and problem is None and given.get(n, n) != n:
+            problem = f"no 'id', and its line number {n} is the id of line {given[n]}; give this line an id"
+        lines.append((n, item_id, query, problem))
+    return lines
+
+
+def read_inputs(infile: Path, out: Path, options: GenerationOptions) -> Tuple[List[Line], list]:
+    """The input lines and the ids already answered in ``out``, checked before anything is written."""
+    finished = read_results(out, source=None if str(infile) == "-" else infile)
+    other = other_options(finished, lambda record: options.to_json())
+    if other is not None:
+        raise UrialError(f"{out} holds answers made with other options (id {other['id']!r}); use another output "
+                         "file or the same options")
+    return read_batch(infile), list(finished)
+
+
+def plan(items: List[Line], finished: set) -> Tuple[list, list]:
+    """The lines still to answer, and the invalid ones (with their problems)."""
+    invalid = [(n, problem) for n, _, _, problem in items if problem]
+    todo, seen = [], set(finished)
+    for n, item_id, query, problem in items:
+        if problem:
+            continue
+        if item_id in seen:
+            if item_id not in finished:
+                invalid.append((n, f"duplicate id {item_id!r}"))
+            continue
+        seen.add(item_id)
+        todo.append((n, item_id, query))
+    return todo, invalid
+
+
+@click.command()
+@click.argument("infile", type=click.Path(path_type=Path))
+@click.option("--output", "-o", "out", required=True, type=click.Path(path_type=Path), help="JSONL results file.")
+@click.option("--batch-size", type=click.IntRange(1, 256), default=8, show_default=True,
+              help="Answers decoded together.")
+@load_options
+@generation_options
+def batch(infile, out, batch_size, **kwargs):
+    """Answer every {"id", "query"} line of INFILE ('-': standard input) into OUTPUT (resumable, in order)."""
+    options = split_generation(kwargs)
+    # under mlx.launch rank 0 alone reads (and writes) the files and hands the lines to every rank
+    read = distributed.leader_stdin if str(infile) == "-" else distributed.leader_input
+    items, finished = read(lambda: read_inputs(infile, out, options))
+    finished = set(finished)
+    todo, invalid = plan(items, finished)
+    requests, ids = [], []
+    if todo:
+        assistant = load_assistant(**kwargs, options=options, batch_size=batch_size)
+        for n, item_id, query in todo:
+            try:
+                requests.append(assistant.request(query, no_cache=kwargs["no_cache"]))
+                ids.append(item_id)
+            except UrialError as e:
+                invalid.append((n, str(e)))
+    for n, problem in sorted(invalid):
+        click.echo(f"{infile}:{n}: {problem}", err=True)
+    if requests and distributed.is_leader():
+        append_results(out, ids, (answer.as_dict() for answer in assistant.run(requests, batch_size)))
+    elif requests:  # the other ranks compute the same answers in step with rank 0
+        for _ in assistant.run(requests, batch_size):
+            pass
+    click.echo(f"{len(requests)} answered, {len(finished)} already done, {len(invalid)} invalid", err=True)
+    if invalid:
+        sys.exit(EXIT_BATCH_INVALID)
