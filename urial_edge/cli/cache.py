@@ -6,9 +6,10 @@ from pathlib import Path
 import click
 
 from ..disk.paths import cache_dir
-from ..units import format_size, parse_duration, parse_size
+from ..errors import UrialError
+from ..units import format_size
 from .group import EXIT_ERROR, Group
-from .options import kv_bits_option, load_assistant, model_options
+from .options import DURATION, SIZE, kv_bits_option, load_assistant, model_options
 
 
 @click.group(cls=Group)
@@ -23,6 +24,8 @@ def cache_build(model, prompt, kv_bits):
     """Build (or find) the prefix cache for a model and prompt."""
     assistant = load_assistant(model, prompt, kv_bits, no_cache=False)
     pc = assistant.prefix
+    if not pc.saved:
+        raise UrialError("the prefix cache was built but not saved (see the warning above)")
     click.echo(f"{'found' if pc.hit else 'built'} {len(pc.tokens)}-token prefix in {pc.seconds:.2f}s", err=True)
     click.echo(str(pc.path))
 
@@ -55,14 +58,15 @@ def cache_verify():
 
 
 @cache.command("clear")
-@click.option("--older-than", default=None, metavar="DURATION", help="Only files unused for this long (7d, 12h).")
-@click.option("--max-size", default=None, metavar="SIZE", help="Delete the oldest files beyond this total (500M).")
+@click.option("--older-than", type=DURATION, default=None, metavar="DURATION",
+              help="Only files unused for this long (7d, 12h).")
+@click.option("--max-size", type=SIZE, default=None, metavar="SIZE",
+              help="Delete the oldest files beyond this total (500M).")
 def cache_clear(older_than, max_size):
     """Delete cache files (all, or by age / total size)."""
     from ..runtime.prefix_cache import clear_caches  # imports MLX
 
-    removed = clear_caches(parse_duration(older_than) if older_than else None,
-                           parse_size(max_size) if max_size else None)
+    removed = clear_caches(older_than, max_size)
     click.echo(f"removed {len(removed)} cache file(s)", err=True)
 
 

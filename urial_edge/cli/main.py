@@ -4,12 +4,18 @@ stdout carries only answers (or JSON); progress, warnings and errors go to stder
 A new command goes in a module of its own (or of its group) and is added below.
 """
 
+import io
+import os
+import sys
+
 import click
 
 from .. import __version__
 from ..distributed import world as distributed
+from ..errors import UrialError
 from ..model.backend import prepare
-from .answer import ask, batch, chat
+from .answer import ask, chat
+from .batch import batch
 from .bench import bench
 from .cache import cache
 from .doctor import doctor
@@ -30,8 +36,32 @@ for command in (ask, chat, batch, evaluate, models, prompts, cache, bench, serve
     cli.add_command(command)
 
 
+class ClosedOutput(io.TextIOBase):
+    """Standard output that the caller closed (``>&-``): writing to it is an error, not an answer thrown away."""
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, text: str) -> int:
+        raise UrialError("standard output is closed: the output has nowhere to go")
+
+
+def guard_standard_streams() -> None:
+    """Give closed standard streams (``<&-``, ``>&-``) a placeholder on /dev/null, so that no file opened
+    later takes their descriptor (model weights opened as descriptor 0, a cache written through 1), and
+    make writing to a closed standard output fail. A closed standard input stays ``None``."""
+    for fd in (0, 1, 2):
+        try:
+            os.fstat(fd)
+        except OSError:
+            os.open(os.devnull, os.O_RDONLY if fd == 0 else os.O_WRONLY)  # the lowest free descriptor: fd
+            if fd == 1:
+                sys.stdout = ClosedOutput()
+
+
 def main():
     """The entry point: prepare MLX (fast BLAS, light mlx-lm imports) before any command can import it."""
+    guard_standard_streams()
     prepare()
     distributed.quiet_followers()  # under mlx.launch only rank 0 prints
     cli(prog_name="urial-edge")

@@ -12,7 +12,7 @@ from ..model.store import (check_model_name, default_precision, import_into_stor
 from ..progress import progress_bar
 from ..units import format_size
 from .group import Group
-from .options import text_argument
+from .options import Checked, text_argument
 
 
 @click.group(cls=Group)
@@ -60,13 +60,14 @@ def models_pull(name, file):
 
 @models.command("import")
 @click.argument("file", type=click.Path(path_type=Path))
-@click.option("--name", default=None, help="Store name (default: the file name).")
+@click.option("--name", type=Checked(check_model_name, "name"), default=None,
+              help="Store name (default: the file name).")
 @click.option("--quantize", type=click.Choice(["4", "8", "none"]), default=None,
               help="MLX quantization (default: the platform's choice).")
 @click.option("--force", is_flag=True, help="Replace a model of the same name.")
 def models_import(file, name, quantize, force):
     """Convert a GGUF file into an MLX model in the store."""
-    name = check_model_name(file.stem if name is None else name)
+    name = check_model_name(file.stem) if name is None else name
     if is_model_dir(models_dir() / name) and not force:
         raise UrialError(f"a model named {name!r} already exists; use --force to replace it")
     bits = default_precision() if quantize is None else parse_precision(quantize)

@@ -6,7 +6,7 @@ Nothing heavy is imported here, so ``--help`` and ``--version`` start instantly.
 
 import sys
 from dataclasses import fields
-from typing import Optional
+from typing import Any, Callable, Optional
 
 import click
 
@@ -14,6 +14,7 @@ from ..errors import UrialError
 from ..runtime.options import (KV_BITS, PRESETS, GenerationOptions, check, option_names, parse_kv_bits,
                                with_changes)
 from ..runtime.prompt import DEFAULT_PROMPT
+from ..units import parse_duration, parse_size
 
 model_option = click.option("--model", "-m", default=None, metavar="MODEL",
                             help="Registry name, MLX model directory, .gguf file or HF repo id.")
@@ -35,24 +36,45 @@ def load_options(f):
     return model_options(kv_bits_option(f))
 
 
-class OptionValue(click.ParamType):
-    """A generation option's value, checked by its declaration in runtime/options.py (bad values exit 2)."""
+class Checked(click.ParamType):
+    """A value made by ``parse`` (one of our checks or parsers): its UrialError is a bad option value, exit 2."""
 
-    def __init__(self, option: str):
-        self.option = option
-        self.name = option.replace("_", "-")
+    def __init__(self, parse: Callable[[str], Any], name: str):
+        self.parse, self.name = parse, name
 
     def convert(self, value, param, ctx):
-        if isinstance(value, str) and self.option not in ("stop",):
-            try:
-                value = float(value) if any(c in value.lower() for c in ".ein") else int(value)
-            except ValueError:
-                self.fail(f"{value!r} is not a number", param, ctx)
+        if not isinstance(value, str):  # a default that is already converted
+            return value
         try:
-            checked = check(self.option, [value] if self.option == "stop" else value)
+            return self.parse(value)
         except UrialError as e:
             self.fail(str(e), param, ctx)
-        return checked[0] if self.option == "stop" else checked
+
+
+SIZE = Checked(parse_size, "size")
+DURATION = Checked(parse_duration, "duration")
+
+
+def _number(text: str):
+    try:
+        return float(text) if any(c in text.lower() for c in ".ein") else int(text)
+    except ValueError:
+        raise UrialError(f"{text[:40]!r} is not a number") from None
+
+
+def option_value(option: str) -> Checked:
+    """A generation option's value, checked by its declaration in runtime/options.py."""
+    if option == "stop":
+        return Checked(lambda text: check("stop", [text])[0], "stop")
+    return Checked(lambda text: check(option, _number(text)), option.replace("_", "-"))
+
+
+def _all_stops(ctx, param, value):
+    """Every ``--stop`` together: their number is bounded too."""
+    try:
+        return check("stop", value)
+    except UrialError as e:
+        raise click.BadParameter(str(e), ctx, param) from None
 
 
 def declared_options(f):
@@ -61,8 +83,9 @@ def declared_options(f):
         spec = item.metadata["spec"]
         default = "" if item.default in (None, ()) else f" [default: {item.default}]"
         metavar = {"stop": "TEXT", "seed": "INTEGER"}.get(item.name, type(item.default).__name__.upper())
-        f = click.option(*spec.flags, item.name, type=OptionValue(item.name), default=None, metavar=metavar,
-                         multiple=item.name == "stop", help=spec.help + default)(f)
+        repeated = item.name == "stop"
+        f = click.option(*spec.flags, item.name, type=option_value(item.name), default=None, metavar=metavar,
+                         multiple=repeated, callback=_all_stops if repeated else None, help=spec.help + default)(f)
     return f
 
 

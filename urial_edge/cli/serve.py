@@ -7,8 +7,7 @@ import click
 from ..distributed import lockstep
 from ..distributed import world as distributed
 from ..serve.discovery import DEFAULT_PORT, running_servers, stop as stop_server
-from ..units import parse_size
-from .options import kv_bits_option, load_assistant, model_options
+from .options import SIZE, kv_bits_option, load_assistant, model_options
 
 
 @click.command()
@@ -21,7 +20,7 @@ from .options import kv_bits_option, load_assistant, model_options
               help="Answers decoded together.")
 @click.option("--max-queue", type=click.IntRange(0, 10000), default=32, show_default=True,
               help="Requests waiting beyond them; more get HTTP 429.")
-@click.option("--state-cache", default="1G", show_default=True, metavar="SIZE",
+@click.option("--state-cache", type=SIZE, default="1G", show_default=True, metavar="SIZE",
               help="Memory for conversation states reused by follow-up requests.")
 @click.option("--status", is_flag=True, help="List running servers and exit.")
 @click.option("--stop", "stop_servers", is_flag=True, help="Stop running servers and exit.")
@@ -34,9 +33,8 @@ def serve(model, prompt, host, port, api_key, kv_bits, max_batch, max_queue, sta
     from ..serve.run import check_host, serve as run_server  # imports MLX
 
     check_host(host, api_key)
-    state_bytes = parse_size(state_cache)
     assistant = load_assistant(model, prompt, kv_bits, no_cache=False, batch_size=max_batch, max_queued=max_queue,
-                               state_bytes=state_bytes)
+                               state_bytes=state_cache)
     if not distributed.is_leader():  # under mlx.launch: replay rank 0's requests in lock-step
         return lockstep.follow(assistant)
     with lockstep.serving(assistant) as served:

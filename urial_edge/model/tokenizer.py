@@ -18,6 +18,7 @@ checked against the full tokenizer in the tests.
 import array
 import bisect
 import hashlib
+import io
 import itertools
 import json
 import re
@@ -27,12 +28,14 @@ from pathlib import Path
 from typing import Iterable, List, Optional
 
 import mlx.core as mx
+import numpy as np
 
-from ..errors import UrialError
-from ..disk.files import atomic_file, write_text_atomic
+from ..disk.files import write_bytes_atomic, write_text_atomic
 from ..disk.paths import tokenizers_dir
+from ..errors import UrialError
+from ..log import warn
 
-INDEX_VERSION = 11
+INDEX_VERSION = 12
 BPE_OPTIONS = ("unk_token", "continuing_subword_prefix", "end_of_word_suffix", "fuse_unk", "byte_fallback",
                "ignore_merges")
 BYTE_TOKEN = re.compile(r"<0x[0-9A-Fa-f]{2}>")
@@ -42,6 +45,14 @@ def _token_text(value) -> Optional[str]:
     if isinstance(value, dict):
         return value.get("content")
     return value
+
+
+class TooManyTokens(UrialError):
+    """A text has more tokens than its caller allows; ``least`` is a lower bound of how many."""
+
+    def __init__(self, least: int):
+        super().__init__(f"the text has at least {least} tokens")
+        self.least = least
 
 
 class Tokenizer:
@@ -64,11 +75,12 @@ class Tokenizer:
             save_index(tokenizers_dir() / f"{key}.npz", index)
         meta = index["meta"]
         self.bos_id, self.add_bos, self.eos_ids = meta["bos_id"], meta["add_bos"], set(meta["eos_ids"])
-        self.vocab_size = meta["vocab_size"]
+        self.vocab_size, self.longest = meta["vocab_size"], max(1, meta["longest"])
         self.fingerprint = hashlib.sha256(
             json.dumps([digest, self.add_bos, self.bos_id, sorted(self.eos_ids)]).encode()
         ).hexdigest()
-        self._lazy = None if self._full is not None or not meta["lazy"] else LazyBPE(index)
+        self.neighbours = Neighbours(index["pairs"]) if "pairs" in index else None
+        self._lazy = None if self._full is not None or not meta["lazy"] else LazyBPE(index, self.neighbours)
         if self._full is None and self._lazy is None:
             self._full = _build_full(_read_bytes(path), path)
 
@@ -78,20 +90,45 @@ class Tokenizer:
             self._full = _build_full(_read_bytes(self._path), self._path)
             self._lazy = None
 
-    def encode(self, text: str, bos: bool = False, remember: bool = False) -> List[int]:
+    def encode(self, text: str, bos: bool = False, remember: bool = False,
+               at_most: Optional[int] = None) -> List[int]:
         """Token ids of ``text``; with ``bos``, the model's BOS is prepended if it uses one.
 
         ``remember`` keeps the ids in the store (checksummed) so that later
         processes skip tokenizing this text: meant for the fixed URIAL prefix.
+        With ``at_most``, a text that surely has more tokens raises :class:`TooManyTokens`
+        before the work of tokenizing it (see :meth:`fewest_tokens`).
         """
-        memo = tokenizers_dir() / f"{self.key}.{hashlib.sha256(text.encode()).hexdigest()[:32]}.json" if remember else None
-        ids = _read_memo(memo) if memo else None
+        extra = 1 if bos and self.add_bos else 0
+        least = self.fewest_tokens(text, at_most - extra) + extra if at_most is not None else 0
+        if at_most is not None and least > at_most:
+            raise TooManyTokens(least)
+        claim = {"tokenizer": self.key, "text_sha256": hashlib.sha256(text.encode()).hexdigest()}
+        memo = tokenizers_dir() / f"{self.key}.{claim['text_sha256'][:32]}.json" if remember else None
+        ids = _read_memo(memo, claim) if memo else None
         if ids is None:
             tok = self._full or self._lazy.tokenizer_for(text)
             ids = tok.encode(text, add_special_tokens=False).ids
             if memo:
-                _write_memo(memo, ids)
+                _write_memo(memo, claim, ids)
         return [self.bos_id] + ids if bos and self.add_bos else ids
+
+    def fewest_tokens(self, text: str, at_most: int) -> int:
+        """A lower bound of ``len(encode(text))``, found with little work, exact enough to tell whether it
+        is above ``at_most``.
+
+        No token spans more than ``longest`` characters (a byte-level symbol is at most one character):
+        that settles a text far too long in constant time. A text that could still fit is cut where no
+        token can span (:class:`Neighbours`) and its stretches counted, without building a tokenizer.
+        For a normalizer that drops characters the first bound is one on the text's size.
+        """
+        least = len(text) // self.longest
+        if least > at_most or len(text) <= at_most or self.neighbours is None:
+            return least  # (a text of at most ``at_most`` characters has at most as many stretches)
+        base = self._full or self._lazy.base
+        normalized = base.normalizer.normalize_str(text) if base.normalizer is not None else text
+        pieces = base.pre_tokenizer.pre_tokenize_str(normalized) if base.pre_tokenizer is not None else [(normalized,)]
+        return max(least, sum(self.neighbours.count(piece[0]) for piece in pieces))
 
     def token_start(self, text: str, index: int) -> int:
         """Where in ``text`` its ``index``-th token begins (counting without BOS)."""
@@ -104,17 +141,28 @@ class Tokenizer:
         return self._lazy.decode(ids)
 
 
-def _read_memo(path: Path) -> Optional[List[int]]:
+def _read_memo(path: Path, claim: dict) -> Optional[List[int]]:
+    """The ids a memo holds, if it is intact and names this text and tokenizer (``claim``); else None.
+
+    A memo of another text (a file copied over this one) is rebuilt with a warning: its ids would
+    silently answer from another prompt's prefix.
+    """
     try:
         record = json.loads(path.read_text())
         ids = record["ids"]
     except (OSError, ValueError, KeyError, TypeError):
         return None
-    return ids if record.get("sha256") == hashlib.sha256(json.dumps(ids).encode()).hexdigest() else None
+    if record.get("sha256") != hashlib.sha256(json.dumps(ids).encode()).hexdigest():
+        return None
+    if any(record.get(k) != v for k, v in claim.items()):
+        if all(k in record for k in claim):  # (a memo of an older version names nothing: just rebuilt)
+            warn(f"tokenizer memo {path.name} holds the ids of another text or tokenizer; rebuilding it")
+        return None
+    return ids
 
 
-def _write_memo(path: Path, ids: List[int]) -> None:
-    _remember(path, json.dumps({"sha256": hashlib.sha256(json.dumps(ids).encode()).hexdigest(), "ids": ids}))
+def _write_memo(path: Path, claim: dict, ids: List[int]) -> None:
+    _remember(path, json.dumps({**claim, "sha256": hashlib.sha256(json.dumps(ids).encode()).hexdigest(), "ids": ids}))
 
 
 def _remember(path: Path, text: str) -> None:
@@ -190,7 +238,8 @@ def make_index(spec: dict, full, config: dict, model_config: dict) -> dict:
     if eos is not None and full.token_to_id(eos) is not None:
         eos_ids.add(full.token_to_id(eos))
     meta = {"version": INDEX_VERSION, "bos_id": bos_id, "add_bos": bool(add_bos) and bos_id is not None,
-            "eos_ids": sorted(eos_ids), "vocab_size": full.get_vocab_size(), "lazy": False}
+            "eos_ids": sorted(eos_ids), "vocab_size": full.get_vocab_size(), "lazy": False,
+            "longest": max(map(len, full.get_vocab(with_added_tokens=True)))}
     arrays = _vocab_arrays(spec)
     if arrays is not None:
         meta["lazy"] = True
@@ -235,6 +284,7 @@ def _vocab_arrays(spec: dict) -> Optional[dict]:
     single = [i for i, t in enumerate(tokens[:len(vocab)]) if len(t) == 1]
     return {
         **_lookup_arrays(tokens),
+        "pairs": mx.array(array.array("Q", sorted({ord(a) << 21 | ord(b) for t in tokens for a, b in zip(t, t[1:])}))),
         "always": _int_array(always),
         "single": _int_array(single),
         "single_chars": mx.array(array.array("I", [ord(tokens[i]) for i in single])),
@@ -283,18 +333,45 @@ class Vocab:
         return None
 
 
+class Neighbours:
+    """Which characters are neighbours in some token: a text cut between two that are not has no
+    token across the cut, so it has at least as many tokens as stretches, and every token lies within
+    one stretch (text repeats its words: the distinct stretches are few to scan for tokens, where
+    scanning 400 KB of prose character by character took 26 s)."""
+
+    def __init__(self, pairs):
+        self.pairs = np.asarray(memoryview(pairs))  # sorted codes ``ord(a) << 21 | ord(b)``
+
+    def _apart(self, run: str) -> np.ndarray:
+        """For each position after the first, whether it is not the neighbour of the one before."""
+        codes = np.frombuffer(run.encode("utf-32-le", "surrogatepass"), dtype=np.uint32).astype(np.uint64)
+        pairs = (codes[:-1] << np.uint64(21)) | codes[1:]
+        if not len(self.pairs):
+            return np.ones(len(pairs), dtype=bool)
+        return self.pairs[np.minimum(np.searchsorted(self.pairs, pairs), len(self.pairs) - 1)] != pairs
+
+    def count(self, run: str) -> int:
+        return int(np.count_nonzero(self._apart(run))) + 1 if run else 0
+
+    def stretches(self, run: str) -> List[str]:
+        cuts = (np.flatnonzero(self._apart(run)) + 1).tolist() if run else []
+        return [run[a:b] for a, b in zip([0] + cuts, cuts + [len(run)]) if a < b]
+
+
 def _int_array(values: list):
     return mx.array(array.array("i", values))
 
 
 def save_index(path: Path, index: dict) -> None:
-    """Write the index atomically; a store that cannot be written only costs speed."""
+    """Write the index atomically; a store that cannot be written only costs speed.
+
+    The zip is made in memory first: ``zipfile`` left on a full disk prints tracebacks when it is freed.
+    """
     arrays = {k: v for k, v in index.items() if k != "meta"}
-    meta = index["meta"]
+    data = io.BytesIO()
+    mx.savez(data, meta=mx.array(memoryview(json.dumps(index["meta"]).encode()).cast("B")), **arrays)
     try:
-        with atomic_file(path) as tmp:
-            with open(tmp, "wb") as f:
-                mx.savez(f, meta=mx.array(memoryview(json.dumps(meta).encode()).cast("B")), **arrays)
+        write_bytes_atomic(path, data.getvalue())
     except UrialError:
         pass
 
@@ -316,7 +393,7 @@ def load_index(path: Path) -> Optional[dict]:
 class LazyBPE:
     """Builds `tokenizers` BPEs restricted to the substrings of the texts seen so far."""
 
-    def __init__(self, index: dict):
+    def __init__(self, index: dict, neighbours: "Neighbours"):
         from tokenizers import Tokenizer as _Tokenizer
 
         meta = index["meta"]
@@ -328,7 +405,12 @@ class LazyBPE:
         self.by_result, self.result_ends = memoryview(index["by_result"]), memoryview(index["result_ends"])
         self.bpe = {k: v for k, v in meta["bpe"].items() if v is not None}
         self.added = meta["rest"].get("added_tokens") or []
+        self.added_at = {t["content"]: k for k, t in enumerate(self.added)}
+        self.added_lengths: dict = {}  # the first two characters -> the lengths of the added tokens they begin
+        for t in self.added:
+            self.added_lengths.setdefault(t["content"][:2], set()).add(len(t["content"]))
         self.special = {t["id"] for t in self.added if t.get("special")}
+        self.neighbours = neighbours
         frame = {**meta["rest"], "added_tokens": [],
                  "model": {"type": "BPE", "vocab": {}, "merges": [], **meta["bpe"]}}
         self.base = _Tokenizer.from_str(json.dumps(frame))  # normalizer, pre-tokenizer and decoder only
@@ -339,28 +421,45 @@ class LazyBPE:
     def tokenizer_for(self, text: str):
         """A tokenizer that encodes ``text`` exactly as the full one does."""
         normalized = self.base.normalizer.normalize_str(text) if self.base.normalizer is not None else text
-        added = [t for t in self.added
-                 if (t["content"] in text or t["content"] in normalized) and t not in self.added_in]
+        seen = {id(t) for t in self.added_in}
+        added = [self.added[k] for k in sorted(self.added_found(text) | self.added_found(normalized))
+                 if id(self.added[k]) not in seen]
         if added or self.probe is None:
             self.added_in += added
             # splits the text as the real tokenizer does, into characters
             self.probe = self.build({**self.single, **self.vocab(self.always)}, [])
-        kept = self.substrings(self.probe.encode(text, add_special_tokens=False).tokens)
+        stream = self.probe.encode(text, add_special_tokens=False).tokens
+        runs = "".join(t if len(t) == 1 else "\0" for t in stream).split("\0")
+        kept = self.substrings({piece for run in runs for piece in self.neighbours.stretches(run)})
         kept |= {t["id"] for t in self.added_in}
         if self.current is None or added or not kept <= self.kept:
             self.kept |= kept
             self.current = self.build(self.vocab(self.kept), self.merges(self.kept))
         return self.current
 
-    def substrings(self, stream: List[str]) -> set:
-        """Ids of the BPE tokens that are substrings of the probe's runs of single characters."""
-        runs = "".join(t if len(t) == 1 else "\0" for t in stream).split("\0")
+    def added_found(self, text: str) -> set:
+        """Which added tokens occur in ``text`` (their positions in ``self.added``): looked up where
+        their first two characters occur, not searched for one by one (Gemma has 6,384 of them)."""
+        found = set()
+        for first in {key[:1] for key in self.added_lengths}:
+            at = text.find(first)
+            while at != -1:
+                for key in {text[at:at + 2], first}:
+                    for n in self.added_lengths.get(key, ()):
+                        k = self.added_at.get(text[at:at + n])
+                        if k is not None:
+                            found.add(k)
+                at = text.find(first, at + 1)
+        return found
+
+    def substrings(self, pieces: Iterable[str]) -> set:
+        """Ids of the BPE tokens that are substrings of ``pieces``."""
         tokens, n, top = self.tokens, self.bpe_size, self.max_len
         kept = set(self.always)
-        for run in runs:
-            for i in range(len(run)):
-                for j in range(i + 1, min(len(run), i + top) + 1):
-                    k = tokens.get(run[i:j])
+        for piece in pieces:
+            for i in range(len(piece)):
+                for j in range(i + 1, min(len(piece), i + top) + 1):
+                    k = tokens.get(piece[i:j])
                     if k is not None and k < n:
                         kept.add(k)
         return kept

@@ -25,10 +25,10 @@ from ..distributed import sharding
 from ..errors import UrialError
 from ..model.loading import context_length
 from ..model.store import model_fingerprint
-from ..model.tokenizer import Tokenizer
+from ..model.tokenizer import Tokenizer, TooManyTokens
 from ..progress import Progress, progress_bar
 from . import prompt as urial
-from . import sessions
+from . import sessions, validate
 from .answer import Answer, AnswerStream, generation_stream
 from .chat import ChatSession
 from .engine import Engine, Generation, Request, Stats
@@ -121,21 +121,40 @@ class Assistant:
         return self.options.replace(**overrides)
 
     def check_query(self, query) -> str:
-        """The query, stripped; a one-line error if it is empty or not text."""
-        if not isinstance(query, str):
-            raise UrialError(f"the query must be a string, got {type(query).__name__}")
-        if not query.strip():
+        """The query, stripped; a one-line error if it is empty, not valid Unicode text, or surely too long
+        for the context (found from its length alone, before it is rendered or tokenized)."""
+        if not validate.text(query, "the query").strip():
             raise UrialError("the query is empty")
+        self._fit(len(self.prefix_ids), len(query) // self.tokenizer.longest, at_least=True)
         return query.strip()
 
-    def _fit(self, used: int, new: int) -> None:
+    def _fit(self, used: int, new: int, at_least: bool = False) -> None:
         if self.context_length - used - new < 1:
-            raise UrialError(f"the query is {new} tokens but only {self.context_length - used} tokens of "
-                             f"context are left after the {used}-token prefix")
+            raise self._too_long(used, new, at_least)
 
-    def after_prefix(self, text: str) -> List[int]:
-        """Token ids of ``text`` where it follows the cached prefix (the same as in the whole text)."""
-        return self.tokenizer.encode(self.prefix_tail + text)
+    def _too_long(self, used: int, new: int, at_least: bool = False) -> UrialError:
+        return UrialError(f"the query is {'at least ' if at_least else ''}{new} tokens but only "
+                          f"{self.context_length - used} tokens of context are left after the {used}-token prefix")
+
+    def encode_within(self, text: str, used: int, bos: bool = False) -> List[int]:
+        """Token ids of ``text``, which must fit in the context after ``used`` tokens.
+
+        A text that cannot fit is refused before most of the work of tokenizing it: a 5 MB
+        query takes milliseconds, not minutes (see ``Tokenizer.encode``'s ``at_most``).
+        """
+        try:
+            ids = self.tokenizer.encode(text, bos=bos, at_most=self.context_length - used - 1)
+        except TooManyTokens as e:
+            raise self._too_long(used, e.least, at_least=True) from None
+        self._fit(used, len(ids))
+        return ids
+
+    def after_prefix(self, text: str, used: Optional[int] = None) -> List[int]:
+        """Token ids of ``text`` where it follows the cached prefix (the same as in the whole text);
+        with ``used``, they must fit in the context after that many tokens."""
+        if used is None:
+            return self.tokenizer.encode(self.prefix_tail + text)
+        return self.encode_within(self.prefix_tail + text, used)
 
     def stable_after_prefix(self, text: str) -> List[int]:
         """The ids of ``text`` after the prefix that stay the same whatever block follows it."""
@@ -151,10 +170,12 @@ class Assistant:
         """
         started = time.perf_counter()
         query = self.check_query(query)
-        text = (urial.render_system(system) if system and system.strip() else "") + \
-            urial.render_history(history, query)
-        rest = self.after_prefix(text)
-        self._fit(len(self.prefix_ids), len(rest))
+        system = validate.text(system, "the system text")
+        for q, a in history:
+            validate.text(q, "a query of the history")
+            validate.text(a, "an answer of the history")
+        text = (urial.render_system(system) if system.strip() else "") + urial.render_history(history, query)
+        rest = self.after_prefix(text, used=len(self.prefix_ids))
         opts = self._options(options)
         if no_cache or not self.use_cache:
             return Request(self.prefix_ids + rest, None, (), opts, started=started)
@@ -193,10 +214,9 @@ class Assistant:
 
     def complete(self, text: str, **options) -> AnswerStream:
         """A raw continuation of ``text`` (no URIAL frame), reusing any stored state it extends."""
-        if not isinstance(text, str) or not text:
+        if not validate.text(text, "the text to complete"):
             raise UrialError("the text to complete is empty")
-        ids = self.tokenizer.encode(text, bos=True)
-        self._fit(0, len(ids))
+        ids = self.encode_within(text, 0, bos=True)
         n, state = self.states.longest_prefix(ids)
         stats = Stats(cache_hit=state is not None, cached_tokens=n)
         opts = self.options.replace(stop=()).replace(**options)

@@ -18,6 +18,8 @@ from typing import Any, Dict, Optional, Tuple
 from ..errors import UrialError
 
 MAX_STOP_STRINGS = 8
+LONGEST = 1 << 30  # more tokens than any model's context: the bound of counts (and "0 = all" for the penalty)
+MAX_SEED = (1 << 63) - 1
 KV_BITS = ("4", "8", "none")  # how the stored prefix state may be quantized, as users write it
 
 
@@ -42,7 +44,8 @@ class GenerationOptions:
     """Decoding settings for one answer. Invalid values raise :class:`UrialError`."""
 
     max_tokens: int = field(default=512, metadata=spec(
-        "--max-tokens", help="Most tokens to generate.", low=1, json_keys=("max_tokens", "max_completion_tokens")))
+        "--max-tokens", help="Most tokens to generate.", low=1, high=LONGEST,
+        json_keys=("max_tokens", "max_completion_tokens")))
     temperature: float = field(default=0.0, metadata=spec(
         "--temperature", "--temp", help="Sampling temperature; 0 is greedy.", low=0.0, high=5.0))
     top_p: float = field(default=1.0, metadata=spec(
@@ -53,9 +56,9 @@ class GenerationOptions:
         low=0.5, high=3.0))
     repetition_context: int = field(default=64, metadata=spec(
         "--repetition-context", help="How many recent tokens the penalty looks at; 0 = the whole prompt "
-        "and answer so far.", low=0))
+        "and answer so far.", low=0, high=LONGEST))
     seed: Optional[int] = field(default=None, metadata=spec(
-        "--seed", help="Random seed for sampling (each answer has its own random stream).", low=0))
+        "--seed", help="Random seed for sampling (each answer has its own random stream).", low=0, high=MAX_SEED))
     stop: Tuple[str, ...] = field(default=(), metadata=spec(
         "--stop", help=f"Extra stop string (repeatable, up to {MAX_STOP_STRINGS})."))
 
@@ -110,35 +113,53 @@ def option_names() -> Tuple[str, ...]:
 
 
 def check(name: str, value):
-    """``value`` converted to option ``name``'s type; UrialError with a one-line reason if invalid."""
+    """``value`` converted to option ``name``'s type; UrialError with a one-line reason if invalid.
+
+    Every face (the command line, HTTP, the API) checks here, so infinities, NaN and integers too large
+    for a float or for MLX are refused before anything converts them (no OverflowError gets out).
+    """
     s = option_spec(name)
     if name == "stop":
-        value = (value,) if isinstance(value, str) else value
-        if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
-            raise UrialError("stop must be a string or a list of strings")
-        if any(not v for v in value):
-            raise UrialError("stop strings must not be empty")
-        if len(value) > MAX_STOP_STRINGS:
-            raise UrialError(f"at most {MAX_STOP_STRINGS} stop strings")
-        return tuple(value)
+        return _check_stop(value)
     if name == "seed" and value is None:
         return None
     kind = float if isinstance(GenerationOptions.__dataclass_fields__[name].default, float) else int
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or (kind is int and value != int(value)):
-        raise UrialError(f"{name} must be {'a number' if kind is float else 'an integer'}, got {value!r}")
-    value = kind(value)
-    if kind is float and not math.isfinite(value):
+    wanted = "a number" if kind is float else "an integer"
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise UrialError(f"{name} must be {wanted}, got {_shown(value)}")
+    if isinstance(value, float) and not math.isfinite(value):
         raise UrialError(f"{name} must be a finite number, got {value}")
-    if s.low is not None and (value < s.low or (s.low_open and value == s.low)) or \
-            s.high is not None and value > s.high:
-        raise UrialError(f"{name} must be {_range(s)}, got {value}")
-    return value
+    if kind is int and isinstance(value, float) and not value.is_integer():
+        raise UrialError(f"{name} must be {wanted}, got {value}")
+    if value < s.low or (s.low_open and value == s.low) or (s.high is not None and value > s.high):
+        raise UrialError(f"{name} must be {_range(s)}, got {_shown(value)}")
+    return kind(value)
+
+
+def _check_stop(value) -> Tuple[str, ...]:
+    value = (value,) if isinstance(value, str) else value
+    if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
+        raise UrialError("stop must be a string or a list of strings")
+    if any(not v for v in value):
+        raise UrialError("stop strings must not be empty")
+    if len(value) > MAX_STOP_STRINGS:
+        raise UrialError(f"at most {MAX_STOP_STRINGS} stop strings, got {len(value)}")
+    return tuple(value)
+
+
+def _shown(value) -> str:
+    """``value`` for a message: short even when it is an integer of 400 digits."""
+    if isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > 64:
+        return f"a number of about {int(value.bit_length() * 0.30103) + 1} digits"
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
 
 
 def _range(s: OptionSpec) -> str:
+    low, high = (f"{x:g}" if isinstance(x, float) else str(x) for x in (s.low, s.high))
     if s.high is None:
-        return f"at least {s.low:g}" if not s.low_open else f"greater than {s.low:g}"
-    return f"in {'(' if s.low_open else '['}{s.low:g}, {s.high:g}]"
+        return f"at least {low}" if not s.low_open else f"greater than {low}"
+    return f"in {'(' if s.low_open else '['}{low}, {high}]"
 
 
 PRESETS: Dict[str, GenerationOptions] = {

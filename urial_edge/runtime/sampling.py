@@ -8,9 +8,9 @@ from typing import Callable, Optional
 
 import mlx.core as mx
 
-from .options import GenerationOptions
+from .options import LONGEST, GenerationOptions
 
-WHOLE_CONTEXT = 1 << 30  # a repetition_context of 0 means every token so far
+WHOLE_CONTEXT = LONGEST  # a repetition_context of 0 means every token so far
 
 
 def make_sampler(options: GenerationOptions) -> Optional[Callable[[mx.array], mx.array]]:
