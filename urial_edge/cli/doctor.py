@@ -3,7 +3,10 @@
 import os
 import platform
 import sys
+import tempfile
 from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+from typing import Optional
 
 import click
 
@@ -17,6 +20,22 @@ from ..units import format_size
 from .group import EXIT_ERROR
 
 PACKAGES = ("urial-edge", "mlx", "mlx-lm", "huggingface-hub", "click", "gguf", "tokenizers", "mkl")
+
+
+def home_problem(folder: Path) -> Optional[str]:
+    """Why urial-edge cannot keep its files in ``folder`` (None if it can): it must be a directory (or be
+    creatable) that a file can really be written to (root ignores permission bits; a read-only mount does not)."""
+    if folder.exists() and not folder.is_dir():
+        return f"{folder} is not a directory (URIAL_EDGE_HOME must name a folder)"
+    existing = next(p for p in (folder, *folder.parents) if p.exists())
+    if not existing.is_dir():
+        return f"{existing} is not a directory, so {folder} cannot be made"
+    try:
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError:
+        return f"{existing} is not writable" + (f", so {folder} cannot be made" if existing != folder else "")
+    return None
 
 
 @click.command()
@@ -44,6 +63,9 @@ def doctor():
     line("precision", f"{'q' + str(bits) if bits else 'float32'} for new conversions")
     line("distributed", distributed.describe())
     line("home", str(home()))
+    problem = home_problem(home())
+    if problem:
+        problems.append(problem)
     for label, folder in (("models", models_dir()), ("cache", cache_dir()), ("sessions", sessions_dir())):
         size = format_size(dir_size(folder)) if folder.exists() else "empty"
         line(label, f"{folder} ({size})")

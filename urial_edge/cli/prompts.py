@@ -6,7 +6,7 @@ import click
 
 from ..model.loading import context_length, read_config
 from ..model.store import resolve_model
-from ..runtime.prompt import boundary_problems, builtin_prompts, check, load_prompt, render_prefix
+from ..runtime.prompt import DEFAULT_PROMPT, boundary_problems, builtin_prompts, check, load_prompt, render_prefix
 from .group import EXIT_ERROR, Group
 from .options import model_option
 
@@ -24,10 +24,11 @@ def prompts():
 
 @prompts.command("list")
 def prompts_list():
-    """The shipped prompts."""
+    """The shipped prompts; the default is marked with '*'."""
     for name in builtin_prompts():
         p = load_prompt(name)
-        click.echo(f"{name:<10} K={len(p.examples):<2} {p.description}")
+        mark = "*" if name == DEFAULT_PROMPT else " "
+        click.echo(f"{mark} {name:<16} K={len(p.examples):<2} {p.description}")
 
 
 @prompts.command("show")
