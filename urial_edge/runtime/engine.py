@@ -28,11 +28,20 @@ the queue.
 The engine reads the caches it is given and never changes them. It is driven
 either by whoever waits for a generation (the Python API: iterating a generation
 runs steps), or by a thread of its own (:meth:`Engine.start`, for the server).
+
+At exit every engine's thread is stopped and MLX finishes the work still queued
+(:func:`settle`): the last step's next forward pass and snapshot copies run
+asynchronously, and a process that ended with them in flight corrupted its heap
+now and then while the interpreter freed the arrays they use (exit 134 after a
+complete answer).
 """
 
+import atexit
+import functools
 import math
 import threading
 import time
+import weakref
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Callable, Iterator, List, Optional, Sequence
@@ -208,6 +217,23 @@ def _merge(layer_caches: list):
     return first.merge(layer_caches)
 
 
+_engines: "weakref.WeakSet[Engine]" = weakref.WeakSet()
+STOP_WAIT = 30.0  # seconds to wait at exit for an engine thread to finish its step
+
+
+def settle() -> None:
+    """Stop every engine's thread and wait for MLX's queued work (``mx.async_eval``) to finish: before the
+    interpreter tears down, nothing may still be computing with the arrays it frees."""
+    for engine in list(_engines):
+        engine.stop()
+    mx.synchronize()
+
+
+@functools.lru_cache(maxsize=None)
+def _settle_at_exit() -> None:
+    atexit.register(settle)  # once per process, when the first engine is made
+
+
 class Engine:
     """Runs every submitted :class:`Request` through one model, batched."""
 
@@ -234,6 +260,9 @@ class Engine:
         # under `serve` on several ranks, a distributed.Lockstep: its loop drives the steps and it
         # orders submissions and cancellations so that every rank's engine stays the same
         self.sync = None
+        self._stopping = False
+        _engines.add(self)
+        _settle_at_exit()
 
     # -- submitting and waiting ----------------------------------------------------
 
@@ -275,6 +304,16 @@ class Engine:
             self._driver = threading.Thread(target=drive, name="urial-edge-engine", daemon=True)
             self._driver.start()
 
+    def stop(self) -> None:
+        """Stop the engine's thread (if it runs one) after its current step, and wait for it."""
+        driver = self._driver
+        if driver is None or self.sync is not None:  # a lock-step driver stops with its server
+            return
+        with self._lock:
+            self._stopping = True
+            self._lock.notify_all()
+        driver.join(STOP_WAIT)
+
     def advance(self, seq: Generation) -> None:
         """Make progress until ``seq`` may have news: wait for the driver thread, or run a step here."""
         if self._driver is not None:
@@ -299,8 +338,10 @@ class Engine:
     def _drive(self) -> None:
         while True:
             with self._lock:
-                while not self.busy():
+                while not self.busy() and not self._stopping:
                     self._lock.wait()
+                if self._stopping:
+                    return
             self.run_step()
 
     def run_step(self) -> None:
