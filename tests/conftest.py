@@ -91,7 +91,7 @@ def start_server(home, model, prompt_file, *extra):
     from urial_edge.testing.server_process import launch
 
     proc, info = launch(["--model", str(model), "--prompt", str(prompt_file), *extra],
-                        env={**os.environ, "URIAL_EDGE_HOME": str(home)}, timeout=120)
+                        env={**os.environ, "URIAL_EDGE_HOME": str(home)}, timeout=600)
     return proc, info["host"], info["port"]
 
 
@@ -113,7 +113,7 @@ def stop_server(proc) -> str:
     import signal
 
     proc.send_signal(signal.SIGTERM)
-    _, err = proc.communicate(timeout=60)
+    _, err = proc.communicate(timeout=300)
     assert proc.returncode == 0, err
     return err
 

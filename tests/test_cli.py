@@ -60,7 +60,7 @@ def test_ask_reads_stdin_and_streams_only_the_answer(args):
     (["prompts", "show", "missing.toml"], None, "no such prompt file", 1),
     (["models", "remove", "nothing"], None, "no model named", 1),
     (["models", "import", "/nonexistent.gguf"], None, "no such file", 1),
-    (["cache", "clear", "--older-than", "soon"], None, "invalid duration", 1),
+    (["cache", "clear", "--older-than", "soon"], None, "invalid duration", 2),
 ])
 def test_bad_input_gives_one_line_errors(home, argv, stdin, match, code):
     result = CliRunner().invoke(cli, argv, input=stdin)

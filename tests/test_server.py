@@ -227,14 +227,19 @@ def open_stream(info, content, max_tokens=4096):
     return sock
 
 
-def wait_idle(info, timeout=10.0):
+def wait_for(info, condition, timeout=600.0):
+    """The server's /health once ``condition(health)`` holds (polled; the deadline only guards against a hang)."""
     deadline = time.time() + timeout
     while time.time() < deadline:
         health = raw(info, "GET", "/health")[1]
-        if health["active"] == 0 and health["waiting"] == 0:
+        if condition(health):
             return health
         time.sleep(0.05)
-    raise AssertionError(f"still busy: {health}")
+    raise AssertionError(f"not reached: {health}")
+
+
+def wait_idle(info):
+    return wait_for(info, lambda health: health["active"] == 0 and health["waiting"] == 0)
 
 
 def test_past_the_queue_a_request_gets_429_with_retry_after(narrow):
@@ -262,9 +267,9 @@ def test_a_client_that_leaves_frees_its_slot(narrow, streaming):
         sock = socket.create_connection((narrow["host"], narrow["port"]))
         sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
                      + f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
-        time.sleep(0.3)
+        wait_for(narrow, lambda health: health["active"] == 1)  # admitted: its answer is being generated
     sock.close()
-    health = wait_idle(narrow, timeout=30.0)
+    health = wait_idle(narrow)
     assert health["finished"]["cancelled"] == before + 1  # cancelled, not run to its ~1,900 tokens
     assert chat(narrow, [{"role": "user", "content": "Hi"}]).choices[0].message.content is not None
 
