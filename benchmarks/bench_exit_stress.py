@@ -49,13 +49,15 @@ def main() -> None:
     p.add_argument("--runs", type=int, default=300)
     p.add_argument("--workers", type=int, default=4)
     p.add_argument("--hogs", type=int, default=2)
+    p.add_argument("--commit", default=None, help="the commit of the code run (default: git's HEAD here)")
     a = p.parse_args()
-    started = time.time()
+    started, load_before = time.time(), os.getloadavg()[0]
     with tempfile.TemporaryDirectory() as work:
         runs = exit_stress.stress([a.model], a.prompt, a.runs, Path(work), dict(os.environ), a.workers, a.hogs)
     crashes = [r for r in runs if r.crashed]
     conditions = {"model": a.model, "prompt": a.prompt, "workers": a.workers, "cpu_hogs": a.hogs,
-                  "cores": os.cpu_count(), "load_before": os.getloadavg()[0], "commit": commit(),
+                  "cores": os.cpu_count(), "load_1min_before": load_before,
+                  "load_1min_after": os.getloadavg()[0], "commit": a.commit or commit(),
                   "wall_seconds": round(time.time() - started)}
     notes = (f"{len(runs)} runs, {len(crashes)} crashed (non-zero exit or a glibc heap message), {a.workers} at a "
              f"time beside {a.hogs} busy processes on {os.cpu_count()} cores, in {conditions['wall_seconds']} s; "
