@@ -14,6 +14,7 @@ import argparse
 import os
 import statistics
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -30,6 +31,11 @@ def commit() -> str:
     dirty = subprocess.run(["git", "-C", str(here), "status", "--porcelain", "--untracked-files=no"],
                            capture_output=True, text=True).stdout.strip()
     return found.stdout.strip() + (" (with uncommitted changes)" if dirty else "")
+
+
+def progress(k: int, run: exit_stress.Run) -> None:
+    crash = f"  CRASHED {run.tail}" if run.crashed else ""
+    print(f"{k} {run.kind}: exit {run.returncode} in {run.seconds:.1f} s{crash}", file=sys.stderr, flush=True)
 
 
 def rows(runs: list) -> list:
@@ -53,7 +59,8 @@ def main() -> None:
     a = p.parse_args()
     started, load_before = time.time(), os.getloadavg()[0]
     with tempfile.TemporaryDirectory() as work:
-        runs = exit_stress.stress([a.model], a.prompt, a.runs, Path(work), dict(os.environ), a.workers, a.hogs)
+        runs = exit_stress.stress([a.model], a.prompt, a.runs, Path(work), dict(os.environ), a.workers, a.hogs,
+                                  on_run=progress)
     crashes = [r for r in runs if r.crashed]
     conditions = {"model": a.model, "prompt": a.prompt, "workers": a.workers, "cpu_hogs": a.hogs,
                   "cores": os.cpu_count(), "load_1min_before": load_before,

@@ -15,7 +15,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, List, Sequence, Tuple
+from typing import Callable, Iterator, List, Optional, Sequence, Tuple
 
 KINDS = ("ask", "ask --no-cache", "batch resume")
 HEAP_MESSAGES = ("corrupted", "malloc", "free()", "double free")  # glibc's heap checks, on stderr
@@ -98,8 +98,14 @@ def _run(kind: str, model: str, argv: List[str], env: dict) -> Run:
 
 
 def stress(models: Sequence[str], prompt: str, runs: int, work: Path, env: dict, workers: int = 4,
-           hogs: int = 2) -> List[Run]:
-    """Run the plan ``workers`` at a time beside ``hogs`` busy processes; every run, in order."""
+           hogs: int = 2, on_run: Optional[Callable[[int, Run], None]] = None) -> List[Run]:
+    """Run the plan ``workers`` at a time beside ``hogs`` busy processes; every run, in order. ``on_run(k, run)``
+    hears of each run as it ends (in order)."""
     planned = plan(models, prompt, runs, work, env)
+    done = []
     with cpu_hogs(hogs), ThreadPoolExecutor(workers) as pool:
-        return list(pool.map(lambda p: _run(*p, env), planned))
+        for run in pool.map(lambda p: _run(*p, env), planned):
+            done.append(run)
+            if on_run is not None:
+                on_run(len(done), run)
+    return done
