@@ -4,7 +4,8 @@
 
 Endpoints: ``POST /v1/chat/completions`` (messages become the URIAL multi-turn
 frame; streamed with server-sent events or plain), ``POST /v1/completions``
-(raw text continuation), ``GET /v1/models``, ``GET /health``.
+(raw text continuation), ``GET /v1/models``, ``GET /health``, and the chat page
+(``GET /``, ``GET /page/<file>``: serve/static.py).
 
 This module only speaks HTTP: it parses a request, hands it to the assistant's
 public API (``Assistant.stream``/``complete``), whose engine batches every
@@ -31,6 +32,7 @@ from . import servers
 from .engine import EngineBusy
 from .errors import UrialError
 from .options import GenerationOptions, OptionError
+from .serve.static import page_response
 
 DEFAULT_PORT = 8412
 MAX_BODY = 1 << 20
@@ -243,6 +245,14 @@ class Handler(BaseHTTPRequestHandler):
 
     # routes
     def do_GET(self):
+        page = page_response(self.path)  # the chat page and its files: no API key (it asks for one)
+        if page is not None:
+            status, headers, body = page
+            self.send_response(status)
+            for key, value in headers.items():
+                self.send_header(key, value)
+            self.end_headers()
+            return self.wfile.write(body)
         if self.path == "/health":
             states = self.server.assistant.states
             return self.send_json(200, {"status": "ok", "model": self.server.model_name, "pid": os.getpid(),
