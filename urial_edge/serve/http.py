@@ -27,6 +27,7 @@ ERROR_TYPES = {401: "authentication_error", 404: "not_found_error", 405: "invali
                429: "rate_limit_error"}
 
 Route = Callable[["Handler", Optional[dict]], None]  # POST routes get the JSON body, GET routes None
+Files = Callable[[str], Optional[Tuple[int, Dict[str, str], bytes]]]  # a path -> (status, headers, body) or None
 
 
 class BadRequest(Exception):
@@ -96,13 +97,15 @@ def _closed(sock: socket.socket) -> bool:
 
 
 class Handler(BaseHTTPRequestHandler):
-    """Routes ``(method, path)`` through :attr:`routes`; paths in :attr:`public` need no API key."""
+    """Routes ``(method, path)`` through :attr:`routes`; paths in :attr:`public` need no API key, and
+    neither do the static files :attr:`files` serves (a page must load before it can ask for a key)."""
 
     server_version = "urial-edge"
     protocol_version = "HTTP/1.1"
     timeout = READ_TIMEOUT
     routes: Dict[Tuple[str, str], Route] = {}
     public: Tuple[str, ...] = ()
+    files: Optional[Files] = None
 
     def log_message(self, format, *args):  # quiet: one line per request on stderr only when verbose
         if self.server.verbose:
@@ -211,8 +214,18 @@ class Handler(BaseHTTPRequestHandler):
     def do_POST(self):
         self.dispatch("POST")
 
+    def send_file(self, status: int, headers: Dict[str, str], body: bytes) -> None:
+        self.send_response(status)
+        for key, value in headers.items():
+            self.send_header(key, value)
+        self.end_headers()
+        self.wfile.write(body)
+
     def dispatch(self, method: str) -> None:
         try:
+            found = self.files(self.path) if method == "GET" and self.files is not None else None
+            if found is not None:
+                return self.send_file(*found)
             if self.path not in self.public and not self.authorized():
                 self.close_connection = method != "GET"
                 return

@@ -1,4 +1,4 @@
-"""Running ``urial-edge serve``: the routes, ``/health``, the discovery record, and a clean stop.
+"""Running ``urial-edge serve``: the routes, ``/health``, the chat page, the discovery record, a clean stop.
 
     urial-edge serve [--model M] [--prompt P] [--host 127.0.0.1] [--port 8412] [--api-key K]
 
@@ -15,7 +15,7 @@ import time
 from typing import Optional
 
 from ..errors import UrialError
-from . import discovery, openai
+from . import discovery, openai, static
 from .discovery import DEFAULT_PORT
 from .http import Handler, Server, Watchdog
 
@@ -34,6 +34,7 @@ def health(handler: Handler, body: Optional[dict] = None) -> None:
 class ServeHandler(Handler):
     routes = {("GET", "/health"): health, **openai.ROUTES}
     public = ("/health",)
+    files = staticmethod(static.page_response)  # the chat page at / (serve/page/)
 
 
 def check_host(host: str, api_key: Optional[str]) -> None:
