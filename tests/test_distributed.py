@@ -42,8 +42,11 @@ def launch_env(home: Path, **extra: str) -> dict:
 
 
 def launch(n: int, home: Path, *command: str, stdin: str = "", **env: str) -> subprocess.CompletedProcess:
-    return subprocess.run(launch_command(n, *command), env=launch_env(home, **env), cwd=REPO, input=stdin,
-                          capture_output=True, text=True, timeout=LAUNCH_TIMEOUT)
+    """Run on n ranks; output is decoded without newline translation, as random models do write a bare CR."""
+    run = subprocess.run(launch_command(n, *command), env=launch_env(home, **env), cwd=REPO, input=stdin.encode(),
+                         capture_output=True, timeout=LAUNCH_TIMEOUT)
+    run.stdout, run.stderr = run.stdout.decode(errors="replace"), run.stderr.decode(errors="replace")
+    return run
 
 
 def probe(n: int, home: Path, out: Path, model: Path, prompt, queries=QUERIES, max_tokens=MAX_TOKENS, env=None,
