@@ -22,6 +22,7 @@ from ..runtime.prompt import load_prompt, render_prefix
 from ..serve.discovery import find_server
 from .group import EXIT_BATCH_INVALID
 from .options import generation_options, load_assistant, load_options, read_stdin, split_generation, text_argument
+from .serve import open_chat_page, serve
 
 # --no-daemon is the 0.1 spelling, still accepted
 no_server_option = click.option("--no-server", "--no-daemon", "no_server", is_flag=True,
@@ -108,8 +109,12 @@ def format_stats(stats: dict, finish_reason: str) -> str:
 @click.option("--session", "-s", default=None, help="Persist the conversation and its KV state under this name.")
 @click.option("--verbose", "-v", is_flag=True, help="Print stats after each answer.")
 @no_server_option
-def chat(session, verbose, no_server, **kwargs):
+@click.option("--web", is_flag=True, help="Chat in the browser: the chat page of a running server for the model, "
+              "or of a new one (as `serve --open`).")
+def chat(session, verbose, no_server, web, **kwargs):
     """Interactive multi-turn chat. Commands: /reset, /save [NAME], /exit."""
+    if web:
+        return chat_page(kwargs)
     from ..runtime.sessions import check_name  # imports MLX, as loading the model will
 
     if session is not None:
@@ -130,6 +135,16 @@ def chat(session, verbose, no_server, **kwargs):
         click.echo(f"(resumed session {session!r}: {len(conversation.turns)} turns)", err=True)
     click.echo("Type a message; /reset, /save [NAME], /exit. Ctrl-C stops an answer.", err=True)
     repl(conversation, session, verbose)
+
+
+def chat_page(kwargs: dict) -> None:
+    """``chat --web``: open a running server's page, or serve the model and open the page (until Ctrl-C)."""
+    info = running_server_for(kwargs)
+    if info is not None:
+        click.echo(f"(the chat page of the server at {info['host']}:{info['port']})", err=True)
+        return open_chat_page(info)
+    click.get_current_context().invoke(serve, model=kwargs["model"], prompt=kwargs["prompt"],
+                                       kv_bits=kwargs["kv_bits"], open_page=True)
 
 
 def repl(conversation, session: Optional[str], verbose: bool) -> None:

@@ -1,6 +1,7 @@
 """``urial-edge serve``: the local server, and ``--status`` / ``--stop`` for the running ones."""
 
 import os
+import webbrowser
 from pathlib import Path
 
 import click
@@ -13,30 +14,41 @@ from ..units import parse_keep_alive, parse_size
 from .options import kv_bits_option, load_assistant, model_options
 
 
-def keep_alive_value(ctx, param, value):
-    try:
-        return parse_keep_alive(value)
-    except UrialError as e:
-        raise click.BadParameter(str(e)) from None
+class Size(click.ParamType):
+    """A size (``500M``, ``2G``); for ``--max-memory`` also ``none`` and ``auto`` (3/4 of this machine's memory).
+
+    A type rather than a callback, so that ``chat --web`` invoking ``serve`` gets its defaults converted too."""
+
+    name = "size"
+
+    def __init__(self, budget: bool = False):
+        self.budget = budget
+
+    def convert(self, value, param, ctx):
+        if not isinstance(value, str):
+            return value
+        if self.budget and value == "none":
+            return None
+        if self.budget and value == "auto":
+            return int(os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") * 0.75)
+        try:
+            return parse_size(value)
+        except UrialError as e:
+            self.fail(str(e), param, ctx)
 
 
-def memory_value(ctx, param, value):
-    """``--max-memory``: a size, ``none``, or ``auto`` (three quarters of the machine's memory)."""
-    if value == "none":
-        return None
-    if value == "auto":
-        return int(os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") * 0.75)
-    try:
-        return parse_size(value)
-    except UrialError as e:
-        raise click.BadParameter(str(e)) from None
+class KeepAlive(click.ParamType):
+    """Ollama's keep-alive: a duration (``5m``), seconds, 0 (unload at once) or a negative value (for ever)."""
 
+    name = "duration"
 
-def size_value(ctx, param, value):
-    try:
-        return parse_size(value)
-    except UrialError as e:
-        raise click.BadParameter(str(e)) from None
+    def convert(self, value, param, ctx):
+        if not isinstance(value, str):
+            return value
+        try:
+            return parse_keep_alive(value)
+        except UrialError as e:
+            self.fail(str(e), param, ctx)
 
 
 @click.command()
@@ -49,13 +61,13 @@ def size_value(ctx, param, value):
               help="Answers of a model decoded together.")
 @click.option("--max-queue", type=click.IntRange(0, 10000), default=32, show_default=True,
               help="Requests waiting beyond them; more get HTTP 429.")
-@click.option("--state-cache", default="1G", show_default=True, metavar="SIZE", callback=size_value,
+@click.option("--state-cache", type=Size(), default="1G", show_default=True, metavar="SIZE",
               help="Memory per model for conversation states reused by follow-up requests.")
-@click.option("--keep-alive", default="5m", show_default=True, metavar="DURATION", callback=keep_alive_value,
+@click.option("--keep-alive", type=KeepAlive(), default="5m", show_default=True,
               help="How long a model loaded on demand stays after its last answer (0: unload at once; -1: for ever).")
 @click.option("--max-models", type=click.IntRange(1, 64), default=3, show_default=True,
               help="Models loaded at once; the least recently used idle one makes room.")
-@click.option("--max-memory", default="auto", show_default=True, metavar="SIZE", callback=memory_value,
+@click.option("--max-memory", type=Size(budget=True), default="auto", show_default=True, metavar="SIZE",
               help="Memory budget for loaded models (weights, prefix and conversation states); 'auto' is 3/4 "
                    "of this machine's memory, 'none' no budget.")
 @click.option("--max-connections", type=click.IntRange(1, 100000), default=256, show_default=True,
@@ -65,11 +77,12 @@ def size_value(ctx, param, value):
                                       "an idle connection.")
 @click.option("--status", is_flag=True, help="List running servers and exit.")
 @click.option("--stop", "stop_servers", is_flag=True, help="Stop running servers and exit.")
+@click.option("--open", "open_page", is_flag=True, help="Open the chat page in the default browser once serving.")
 @click.option("--verbose", "-v", is_flag=True, help="Log each request to stderr.")
 def serve(model, prompt, host, port, api_key, kv_bits, max_batch, max_queue, state_cache, keep_alive, max_models,
-          max_memory, max_connections, request_timeout, status, stop_servers, verbose):
-    """Run a local server (OpenAI and Ollama APIs) with the model and prefix kept warm; other models and
-    prompts load on demand."""
+          max_memory, max_connections, request_timeout, status, stop_servers, open_page, verbose):
+    """Run a local server (OpenAI and Ollama APIs, a chat page at /) with the model and prefix kept warm;
+    other models and prompts load on demand."""
     if status or stop_servers:
         return server_status(stop_servers)
     from ..serve.pool import model_name  # imports MLX
@@ -82,15 +95,33 @@ def serve(model, prompt, host, port, api_key, kv_bits, max_batch, max_queue, sta
         return lockstep.follow(assistant)
     settings = Settings(host, port, api_key, verbose, keep_alive, max_models, max_memory, max_connections,
                         request_timeout)
-    name = model_name(model, assistant.model_path)
     with lockstep.serving(assistant) as served:
-        run_server(served, name, settings, on_demand=not distributed.active(),
-                   ready=lambda info: click.echo(f"serving {name} / {info['prompt']} on "
-                                                 f"http://{url_host(info['host'])}:{info['port']}/v1", err=True))
+        run_server(served, model_name(model, assistant.model_path), settings, on_demand=not distributed.active(),
+                   ready=lambda info: ready(info, open_page))
+
+
+def ready(info: dict, open_page: bool) -> None:
+    """Say where the server listens (tests and benchmarks read this line), and open the page if asked."""
+    click.echo(f"serving {info['name']} / {info['prompt']} on http://{url_host(info['host'])}:{info['port']}/v1",
+               err=True)
+    if open_page:
+        open_chat_page(info)
 
 
 def url_host(host: str) -> str:
     return f"[{host}]" if ":" in host else host
+
+
+def page_url(info: dict) -> str:
+    host = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(info["host"], info["host"])
+    return f"http://{url_host(host)}:{info['port']}/"
+
+
+def open_chat_page(info: dict) -> None:
+    """The chat page in the default browser (``$BROWSER`` if set); a note, not a failure, if there is none."""
+    url = page_url(info)
+    if not webbrowser.open(url):
+        click.echo(f"no browser found: open {url}", err=True)
 
 
 def server_status(stop: bool) -> None:

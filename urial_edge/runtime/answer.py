@@ -4,10 +4,11 @@ Answers come from the local engine (:func:`generation_stream`) or from a
 running server (``serve/client.py``); both give the same two types.
 """
 
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Callable, Dict, Iterable, Iterator, List, Optional
 
 from .engine import Generation, Stats
+from .sampling import TokenLogprob
 
 
 @dataclass
@@ -21,13 +22,17 @@ class Answer:
     token_ids: List[int] = field(default_factory=list, repr=False)
     options: Dict[str, object] = field(default_factory=dict, repr=False)  # the generation options used
     server: Optional[str] = None  # "host:port" of the server that answered, if one did
+    logprobs: Optional[List[TokenLogprob]] = field(default=None, repr=False)  # when asked for, one per token
 
     def as_dict(self) -> dict:
         stats = self.stats.as_dict()
         if self.server:
             stats["server"] = self.server
-        return {"text": self.text, "finish_reason": self.finish_reason, "tokens": self.tokens, "stats": stats,
-                "options": self.options}
+        out = {"text": self.text, "finish_reason": self.finish_reason, "tokens": self.tokens, "stats": stats,
+               "options": self.options}
+        if self.logprobs is not None:
+            out["logprobs"] = [asdict(t) for t in self.logprobs]
+        return out
 
 
 class AnswerStream:
@@ -70,6 +75,6 @@ def generation_stream(seq: Generation, on_done=None) -> AnswerStream:
     """The stream of an engine generation's text, and its Answer at the end."""
     def result(text: str) -> Answer:
         return Answer(text, seq.stats.generation_tokens, seq.finish_reason, seq.stats, seq.token_ids,
-                      seq.request.options.to_json())
+                      seq.request.options.to_json(), logprobs=seq.logprobs)
 
     return AnswerStream(seq, result, on_done, seq.cancel, seq)

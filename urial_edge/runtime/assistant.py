@@ -33,6 +33,7 @@ from .answer import Answer, AnswerStream, generation_stream
 from .chat import ChatSession
 from .engine import Engine, Generation, Request, Stats
 from .options import GenerationOptions, with_changes
+from .sampling import check_logprobs
 from .prefix_cache import PrefixCache, load_or_build
 from .state_cache import StateCache
 
@@ -154,11 +155,14 @@ class Assistant:
         return ids[:urial.common_prefix(ids, self.after_prefix(text + urial.PROBE))]
 
     def request(self, query: str, *, history: Sequence[Tuple[str, str]] = (), system: str = "",
-                no_cache: bool = False, remember: Optional[bool] = None, **options) -> Request:
+                no_cache: bool = False, remember: Optional[bool] = None, logprobs: Optional[int] = None,
+                **options) -> Request:
         """The engine request for a query: tokens, starting state and options (checked, not yet queued).
 
         ``remember`` (default: when there is a history or a system text) keeps the state after the
-        prompt in memory, so that a follow-up of this conversation starts from it.
+        prompt in memory, so that a follow-up of this conversation starts from it. ``logprobs``
+        (0-20) records each token's log-probability and that many likeliest alternatives
+        (``Answer.logprobs``).
         """
         started = time.perf_counter()
         query = self.check_query(query)
@@ -166,13 +170,13 @@ class Assistant:
             urial.render_history(history, query)
         rest = self.after_prefix(text)
         self._fit(len(self.prefix_ids), len(rest))
-        opts = self._options(options)
+        opts, logprobs = self._options(options), check_logprobs(logprobs)
         if no_cache or not self.use_cache:
-            return Request(self.prefix_ids + rest, None, (), opts, started=started)
+            return Request(self.prefix_ids + rest, None, (), opts, logprobs=logprobs, started=started)
         prefix = self.prefix
         stats = Stats(cache_hit=prefix.hit, cached_tokens=len(prefix.tokens))
         if not (remember if remember is not None else history or system):
-            return Request(rest, prefix.fresh(), prefix.tokens, opts, stats=stats, started=started)
+            return Request(rest, prefix.fresh(), prefix.tokens, opts, logprobs=logprobs, stats=stats, started=started)
         # a conversation: start from the longest state stored for it, and store this one's
         ids = list(prefix.tokens) + rest
         n, state = self.states.longest_prefix(ids, at_least=len(prefix.tokens))
@@ -180,7 +184,8 @@ class Assistant:
             n, state = len(prefix.tokens), prefix.fresh()
         stats.cached_tokens = n
         store = (lambda s: self.states.put(ids[:-1], s)) if len(ids) - n > 1 else None
-        return Request(ids[n:], state, ids[:n], opts, on_prefilled=store, stats=stats, started=started)
+        return Request(ids[n:], state, ids[:n], opts, on_prefilled=store, logprobs=logprobs, stats=stats,
+                       started=started)
 
     def submit(self, request: Request) -> AnswerStream:
         """Queue a request (see :meth:`request`) and return its stream."""
@@ -202,7 +207,7 @@ class Assistant:
         """Answer ``query`` (greedy by default) and return the text with stats."""
         return self.stream(query, history=history, system=system, no_cache=no_cache, **options).finish()
 
-    def complete(self, text: str, **options) -> AnswerStream:
+    def complete(self, text: str, *, logprobs: Optional[int] = None, **options) -> AnswerStream:
         """A raw continuation of ``text`` (no URIAL frame), reusing any stored state it extends."""
         if not isinstance(text, str) or not text:
             raise UrialError("the text to complete is empty")
@@ -211,7 +216,8 @@ class Assistant:
         n, state = self.states.longest_prefix(ids)
         stats = Stats(cache_hit=state is not None, cached_tokens=n)
         opts = self.options.replace(stop=()).replace(**options)
-        return self.submit(Request(ids[n:], state, ids[:n], opts, framed=False, stats=stats))
+        return self.submit(Request(ids[n:], state, ids[:n], opts, framed=False, logprobs=check_logprobs(logprobs),
+                                   stats=stats))
 
     def batch(self, queries: Iterable[str], *, batch_size: Optional[int] = None, no_cache: bool = False,
               **options) -> Iterator[Answer]:

@@ -12,6 +12,7 @@ from . import sessions
 from .answer import Answer, AnswerStream, generation_stream
 from .engine import Request, Stats
 from .kv_state import copy_cache, prefill
+from .sampling import check_logprobs
 
 
 class ChatSession:
@@ -50,7 +51,7 @@ class ChatSession:
         """Canonical ids of the finished turns that the state does not hold yet."""
         return self.conversation_ids()[len(self.ids):]
 
-    def stream(self, message: str, **options) -> AnswerStream:
+    def stream(self, message: str, *, logprobs: Optional[int] = None, **options) -> AnswerStream:
         """Send ``message``; iterate for the answer's pieces. The turn is recorded when it ends."""
         a = self.assistant
         started = time.perf_counter()
@@ -59,7 +60,7 @@ class ChatSession:
         a._fit(len(self.ids), len(new_ids))
         stats = Stats(cache_hit=a.prefix.hit, cached_tokens=len(self.ids))
         seq = a.engine.submit(Request(new_ids, self.state, self.ids, a._options(options), keep_state=True,
-                                      stats=stats, started=started))
+                                      logprobs=check_logprobs(logprobs), stats=stats, started=started))
 
         def record(answer: Answer) -> None:
             if answer.finish_reason in ("stop", "length") and seq.state is not None:

@@ -44,7 +44,8 @@ from ..errors import UrialError
 from .detokenizer import AnswerText
 from .kv_state import PREFILL_STEP
 from .options import GenerationOptions
-from .sampling import make_penalty, make_sampler
+from .sampling import (TokenLogprob, logprob_arrays, make_penalty, make_sampler, sampled_distribution,
+                       token_logprob)
 
 NORMAL, PRIMING, HANDED = 0, 1, 2  # a row's input: its last token, its last prompt token, or a token already out
 
@@ -81,6 +82,7 @@ class Request:
     framed: bool = True  # a URIAL answer block (see output.AnswerText)
     keep_state: bool = False  # keep the final KV state in ``Generation.state``
     on_prefilled: Optional[Callable[[list], None]] = None  # gets the state after all but the last token
+    logprobs: Optional[int] = None  # report each token's log-probability and this many alternatives (0-20)
     stats: Stats = field(default_factory=Stats)
     started: float = field(default_factory=time.perf_counter)  # the clock of ttft and total_seconds
 
@@ -111,6 +113,8 @@ class Generation:
         self.sampler = make_sampler(request.options)
         self.penalty = make_penalty(request.options)
         self.context = None  # the token window the penalty looks at, once decoding starts
+        self.logprobs: Optional[List[TokenLogprob]] = [] if request.logprobs is not None else None
+        self._sampled: deque = deque()  # logprob arrays of tokens sampled but not yet handed out, oldest first
 
     def cancel(self) -> None:
         """Stop this answer; it leaves the batch at the next step."""
@@ -143,6 +147,8 @@ class Generation:
             self.stats.ttft = now - self.request.started
             self.stats.prefill_tps = self.stats.prefill_tokens / max(now - self._admitted, 1e-9)
         self.token_ids.append(token)
+        if self.logprobs is not None:
+            self.logprobs.append(token_logprob(token, self._sampled.popleft()))
         self.stats.generation_tokens += 1
         piece = self.text.add(token)
         if piece:
@@ -407,7 +413,7 @@ class Engine:
         logits = self.model(self.inputs[:, None], cache=self.cache)[:, -1, :]
         logits = self._penalise(logits)
         tokens = self._sample(logits)
-        mx.async_eval(tokens)
+        mx.async_eval(tokens, *self._logprobs(logits, tokens))
         fed = self.inputs.tolist()  # the previous step's tokens: ready while this step runs
         # a new answer's first token is handed out as soon as it is sampled, not a step later
         early = tokens.tolist() if PRIMING in self.phase else None
@@ -452,6 +458,17 @@ class Engine:
         logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
         return mx.concatenate([mx.argmax(logits[i:i + 1], axis=-1) if f is None
                                else f(logprobs[i:i + 1]).astype(mx.uint32) for i, f in enumerate(samplers)])
+
+    def _logprobs(self, logits: mx.array, tokens: mx.array) -> List[mx.array]:
+        """Queue the log-probabilities of this step's tokens for the answers that asked for them."""
+        arrays = []
+        for i, s in enumerate(self.active):
+            if s.logprobs is not None:
+                found = logprob_arrays(sampled_distribution(s.request.options, logits[i:i + 1]), tokens[i],
+                                       s.request.logprobs)
+                s._sampled.append(found)
+                arrays += found
+        return arrays
 
     def _remove(self, rows: List[int]) -> None:
         gone = set(rows)

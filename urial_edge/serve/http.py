@@ -44,6 +44,7 @@ ERROR_TYPES = {401: "authentication_error", 404: "not_found_error", 405: "invali
 ERROR_CODES = {429: "rate_limit_exceeded", 503: "unavailable", 408: "timeout"}
 
 Route = Callable[["Handler", Optional[dict]], None]  # POST routes get the JSON body, GET routes None
+Files = Callable[[str], Optional[Tuple[int, Dict[str, str], bytes]]]  # a path -> (status, headers, body) or None
 
 
 class BadRequest(Exception):
@@ -249,16 +250,17 @@ def matches(pattern: str, path: str) -> bool:
 
 
 class Handler(BaseHTTPRequestHandler):
-    """Routes ``(method, path)`` through :attr:`routes`; paths in :attr:`public` need no API key.
+    """Routes ``(method, path)`` through :attr:`routes`; paths in :attr:`public` need no API key, and
+    neither do the static files :attr:`files` serves (a page must load before it can ask for a key).
 
-    A route key ending in ``/*`` (``("GET", "/page/*")``) serves every path under it; so does an entry of
-    :attr:`public`.
+    A route key or a public path ending in ``/*`` (``("GET", "/v1/models/*")``) covers every path under it.
     """
 
     server_version = "urial-edge"
     protocol_version = "HTTP/1.1"
     routes: Dict[Tuple[str, str], Route] = {}
     public: Tuple[str, ...] = ()
+    files: Optional[Files] = None
 
     def log_message(self, format, *args):  # quiet: one line per request on stderr only when verbose
         if self.server.verbose:
@@ -406,9 +408,19 @@ class Handler(BaseHTTPRequestHandler):
     def do_POST(self):
         self.dispatch("POST")
 
+    def send_file(self, status: int, headers: Dict[str, str], body: bytes) -> None:
+        self.send_response(status)
+        for key, value in headers.items():
+            self.send_header(key, value)
+        self.end_headers()
+        self.wfile.write(body)
+
     def dispatch(self, method: str) -> None:
         self.path = self.path.split("?", 1)[0]
         try:
+            found = self.files(self.path) if method == "GET" and self.files is not None else None
+            if found is not None:
+                return self.send_file(*found)
             if not any(matches(p, self.path) for p in self.public) and not self.authorized():
                 self.close_connection = method != "GET"
                 return

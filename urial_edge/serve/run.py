@@ -1,4 +1,4 @@
-"""Running ``urial-edge serve``: the routes, ``/health``, the discovery record, and a clean stop.
+"""Running ``urial-edge serve``: the routes, ``/health``, the chat page, the discovery record, a clean stop.
 
     urial-edge serve [--model M] [--prompt P] [--host 127.0.0.1] [--port 8412] [--api-key K]
 
@@ -23,7 +23,7 @@ from typing import Callable, Optional
 from ..errors import UrialError
 from ..runtime.assistant import Assistant
 from ..runtime.prompt import Prompt, load_prompt, render_prefix
-from . import discovery, ollama, openai
+from . import discovery, ollama, openai, static
 from .discovery import DEFAULT_PORT
 from .http import MAX_CONNECTIONS, REQUEST_TIMEOUT, Handler, Server
 from .pool import Pool
@@ -79,6 +79,7 @@ def health(handler: Handler, body: Optional[dict] = None) -> None:
 class ServeHandler(Handler):
     routes = {("GET", "/health"): health, **openai.ROUTES, **ollama.ROUTES}
     public = ("/health",)
+    files = staticmethod(static.page_response)  # the chat page at / (serve/page/)
 
 
 def check_host(host: str, api_key: Optional[str]) -> None:
