@@ -131,3 +131,13 @@ def test_errors_are_ollama_shaped(server):
     with pytest.raises(ollama.ResponseError) as e:
         client(server).chat(model=server["name"], messages=MESSAGES, keep_alive="soon")
     assert e.value.status_code == 400 and "keep_alive" in e.value.error
+
+
+def test_logprobs_as_ollama_gives_them(server):
+    out = client(server).chat(model=server["name"], messages=MESSAGES, options={"num_predict": 6}, logprobs=True,
+                              top_logprobs=2)
+    assert len(out.logprobs) == out.eval_count and all(len(t.top_logprobs) == 2 for t in out.logprobs)
+    assert all(t.top_logprobs[0].logprob == t.logprob for t in out.logprobs)  # greedy
+    parts = list(client(server).chat(model=server["name"], messages=MESSAGES, options={"num_predict": 6},
+                                     logprobs=True, stream=True))
+    assert [t.logprob for p in parts for t in (p.logprobs or [])] == [t.logprob for t in out.logprobs]

@@ -212,3 +212,50 @@ def test_an_ollama_path_answers_errors_in_ollama_shape(server):
     status, data = raw(server, "POST", "/api/chat", json.dumps({"model": "missing", "messages": [
         {"role": "user", "content": "Hi"}]}).encode(), {"Content-Type": "application/json"})
     assert status == 404 and "not found" in data["error"]
+
+
+# -- log-probabilities --------------------------------------------------------------------------
+
+
+def test_chat_logprobs_are_the_engines_and_leave_the_answer_as_it_is(server):
+    import os
+
+    from urial_edge.runtime.assistant import Assistant
+
+    out = ask(server, "Name a river.", logprobs=True, top_logprobs=3)
+    content = out.choices[0].logprobs.content
+    assert len(content) == out.usage.completion_tokens and text(out) == text(ask(server, "Name a river."))
+    for entry in content:
+        assert len(entry.top_logprobs) == 3 and entry.logprob <= 0
+        assert entry.top_logprobs[0].logprob == entry.logprob  # greedy: the likeliest token was taken
+        assert [t.logprob for t in entry.top_logprobs] == sorted((t.logprob for t in entry.top_logprobs), reverse=True)
+        assert entry.bytes == list(entry.token.encode())
+    os.environ["URIAL_EDGE_HOME"] = str(server["home"])
+    bot = Assistant.load(str(server["model"]), str(server["prompt"]), max_tokens=10)
+    local = bot.ask("Name a river.", logprobs=3).logprobs
+    assert [e.token for e in content] == [bot.tokenizer.decode([t.token]) for t in local]
+    assert [e.logprob for e in content] == pytest.approx([t.logprob for t in local], abs=1e-4)
+
+
+def test_streamed_logprobs_come_with_their_chunks(server):
+    whole = ask(server, "Name a river.", logprobs=True, top_logprobs=1).choices[0].logprobs.content
+    chunks = list(client(server).chat.completions.create(
+        model=server["name"], max_tokens=10, messages=[{"role": "user", "content": "Name a river."}], stream=True,
+        logprobs=True, top_logprobs=1))
+    streamed = [e for c in chunks for e in (c.choices[0].logprobs.content if c.choices[0].logprobs else [])]
+    assert [(e.token, e.logprob) for e in streamed] == [(e.token, e.logprob) for e in whole]
+
+
+def test_completion_logprobs_in_the_legacy_shape(server):
+    out = client(server).completions.create(model=server["name"], prompt="Once upon a time", max_tokens=5,
+                                             logprobs=2).choices[0].logprobs
+    assert len(out.tokens) == len(out.token_logprobs) == len(out.top_logprobs) == 5
+    assert all(1 <= len(top) <= 2 and lp <= 0 for top, lp in zip(out.top_logprobs, out.token_logprobs))
+    assert out.text_offset == [sum(len(t) for t in out.tokens[:i]) for i in range(5)]
+
+
+def test_bad_logprobs_requests_are_refused(server):
+    with pytest.raises(openai.BadRequestError, match="top_logprobs must be an integer from 0 to 20"):
+        ask(server, "Hi", logprobs=True, top_logprobs=21)
+    with pytest.raises(openai.BadRequestError, match="needs 'logprobs': true"):
+        ask(server, "Hi", top_logprobs=2)

@@ -16,6 +16,7 @@ from ..errors import UrialError, one_line
 from ..log import warn
 from ..runtime.answer import Answer, AnswerStream
 from ..runtime.options import GenerationOptions, OptionError
+from ..runtime.sampling import check_logprobs
 from ..runtime.validate import text
 from .http import BadRequest, Handler
 
@@ -52,6 +53,26 @@ def choice_count(value, most: int) -> int:
         raise BadRequest(f"'n' must be an integer between 1 and {most} (the answers this server decodes "
                          f"together), got {value!r}", param="n")
     return value
+
+
+def logprobs_count(value, param: str = "top_logprobs") -> int:
+    """How many likeliest alternatives to report with each token (0-20); a 400 naming ``param`` otherwise."""
+    try:
+        return check_logprobs(value)
+    except UrialError as e:
+        raise BadRequest(str(e).replace("logprobs", param, 1), param=param) from None
+
+
+def logprobs_asked(enabled, top) -> Optional[int]:
+    """OpenAI chat's and Ollama's ``logprobs: true`` with ``top_logprobs: k``: how many alternatives per token,
+    or None for no log-probabilities."""
+    if enabled is not None and not isinstance(enabled, bool):
+        raise BadRequest(f"'logprobs' must be true or false, got {enabled!r}", param="logprobs")
+    if not enabled:
+        if top:
+            raise BadRequest("'top_logprobs' needs 'logprobs': true", param="top_logprobs")
+        return None
+    return logprobs_count(top or 0)
 
 
 def seeded(options: GenerationOptions, i: int) -> GenerationOptions:
@@ -119,6 +140,29 @@ def _pump(i: int, stream: AnswerStream, out: "queue.Queue") -> None:
         out.put((i, None, None))
     except Exception as e:  # handed to the request's thread, which reports it
         out.put((i, None, e))
+
+
+class TokenLogprobs:
+    """Each choice's log-probabilities as token texts: ``(text, logprob, [(text, logprob), ...])`` per token.
+
+    :meth:`new` hands out the tokens not handed out before, so that a stream attaches each token's entry
+    to the chunk it arrives with (the rest go with the choice's last chunk)."""
+
+    def __init__(self, tokenizer, choices: Choices):
+        self.tokenizer, self.choices = tokenizer, choices
+        self.sent = [0] * len(choices.streams)
+
+    def new(self, i: int) -> Optional[list]:
+        """The entries of choice ``i`` since the last call; None if it did not ask for log-probabilities."""
+        found = self.choices.streams[i].generation.logprobs
+        if found is None:
+            return None
+        start, self.sent[i] = self.sent[i], len(found)
+        return [(self.text(t.token), t.logprob, [(self.text(k), lp) for k, lp in t.top])
+                for t in found[start:self.sent[i]]]
+
+    def text(self, token: int) -> str:
+        return self.tokenizer.decode([token])
 
 
 class StreamStopped(Exception):

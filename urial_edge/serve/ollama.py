@@ -24,8 +24,8 @@ from .. import __version__
 from ..model.loading import read_config, weight_files
 from ..model.store import model_fingerprint
 from ..runtime.prompt import render_prefix, render_turn
-from .answers import (MAX_TOKENS_LIMIT, Choices, StreamStopped, answer_events, checked_text, finished,
-                      generation_options)
+from .answers import (MAX_TOKENS_LIMIT, Choices, StreamStopped, TokenLogprobs, answer_events, checked_text,
+                      finished, generation_options, logprobs_asked)
 from .http import BadRequest, Handler
 from .openai import parse_messages
 from ..units import parse_keep_alive
@@ -87,11 +87,12 @@ def chat(handler: Handler, body: dict) -> None:
     if not messages:
         return load_only(handler, body, {"message": {"role": "assistant", "content": ""}})
     system, history, query = parse_messages(messages)
+    top = logprobs_asked(body.get("logprobs"), body.get("top_logprobs"))
     with handler.server.pool.use(body.get("model"), body.get("keep_alive")) as served:
         a = served.assistant
         options = options_of(body, a.options)
         choices = Choices.start(lambda i: a.stream(query, history=history, system=system, remember=True,
-                                                   **asdict(options)))
+                                                   logprobs=top, **asdict(options)))
         respond(handler, body, served, choices, started, lambda text: {"message": {"role": "assistant",
                                                                                     "content": text}})
 
@@ -103,14 +104,15 @@ def generate(handler: Handler, body: dict) -> None:
     if not prompt:
         return load_only(handler, body, {"response": ""})
     system = checked_text(body.get("system") or "", "'system'", "system")
+    top = logprobs_asked(body.get("logprobs"), body.get("top_logprobs"))
     with handler.server.pool.use(body.get("model"), body.get("keep_alive")) as served:
         a = served.assistant
         if body.get("raw"):  # the prompt as it is, no frame: a continuation
             options = options_of(body, a.options.replace(stop=()))
-            choices = Choices.start(lambda i: a.complete(prompt, **asdict(options)))
+            choices = Choices.start(lambda i: a.complete(prompt, logprobs=top, **asdict(options)))
         else:
             options = options_of(body, a.options)
-            choices = Choices.start(lambda i: a.stream(prompt, system=system, **asdict(options)))
+            choices = Choices.start(lambda i: a.stream(prompt, system=system, logprobs=top, **asdict(options)))
         respond(handler, body, served, choices, started, lambda text: {"response": text})
 
 
@@ -131,8 +133,14 @@ def load_only(handler: Handler, body: dict, empty: dict) -> None:
 
 def respond(handler: Handler, body: dict, served, choices: Choices, started: float, content) -> None:
     """The answer as NDJSON lines, or one object with ``"stream": false``; ``content(text)`` shapes its text."""
+    logprobs = TokenLogprobs(served.assistant.tokenizer, choices)
+
     def line(text: str, answer=None) -> dict:
         out = {"model": served.name, "created_at": rfc3339(time.time()), **content(text), "done": answer is not None}
+        entries = logprobs.new(0)
+        if entries is not None:
+            out["logprobs"] = [{"token": t, "logprob": lp, "top_logprobs": [{"token": a, "logprob": b} for a, b in top]}
+                               for t, lp, top in entries]
         if answer is not None:
             out.update(done_reason=answer.finish_reason, **timings(answer, served.load_seconds, started))
         return out

@@ -9,9 +9,10 @@ server-sent events; every answer also carries the options used and its stats
 
 Beyond the basics: ``content`` as a list of text parts, ``n`` answers decoded
 together (with a seed, answer i uses seed + i), ``stream_options.include_usage``
-(a last chunk with ``choices: []`` and the usage), and
+(a last chunk with ``choices: []`` and the usage),
 ``usage.prompt_tokens_details.cached_tokens`` (prompt tokens that came from a
-cached state). A stream the server has to end early (SIGTERM, a failed step)
+cached state), and ``logprobs`` (chat: ``logprobs: true, top_logprobs: k``;
+completions: ``logprobs: k``) from the distribution each token was drawn from. A stream the server has to end early (SIGTERM, a failed step)
 ends with an error event and ``[DONE]``.
 """
 
@@ -22,8 +23,8 @@ from dataclasses import asdict
 from typing import List, Optional, Tuple
 
 from ..runtime.messages import MessageError, conversation
-from .answers import (Choices, StreamStopped, answer_events, checked_text, choice_count, finished,
-                      generation_options, seeded)
+from .answers import (Choices, StreamStopped, TokenLogprobs, answer_events, checked_text, choice_count, finished,
+                      generation_options, logprobs_asked, logprobs_count, seeded)
 from .http import BadRequest, Handler, error_body
 
 CHAT, TEXT = "chat.completion", "text_completion"
@@ -69,8 +70,8 @@ def unsupported(body: dict) -> None:
     if fmt is not None and not (isinstance(fmt, dict) and fmt.get("type") == "text"):
         raise BadRequest("response_format other than {\"type\": \"text\"} is not supported yet",
                          param="response_format")
-    if body.get("logprobs") or body.get("top_logprobs"):
-        raise BadRequest("logprobs are not supported yet", param="logprobs")
+    if body.get("echo"):
+        raise BadRequest("echo (the prompt's own log-probabilities) is not supported", param="echo")
 
 
 def include_usage(body: dict) -> bool:
@@ -87,9 +88,11 @@ def chat_completions(handler: Handler, body: dict) -> None:
         assistant = served.assistant
         options = generation_options(body, assistant.options)
         n = choice_count(body.get("n"), assistant.engine.max_active)
+        top = logprobs_asked(body.get("logprobs"), body.get("top_logprobs"))
         choices = Choices.start(lambda i: assistant.stream(query, history=history, system=system, remember=i == 0,
-                                                           **asdict(seeded(options, i))), n)
-        respond(handler, body, CHAT, served.name, choices)
+                                                           logprobs=top, **asdict(seeded(options, i))), n)
+        reply = Reply(CHAT, served.name, TokenLogprobs(assistant.tokenizer, choices), include_usage(body))
+        respond(handler, body, reply, choices)
 
 
 def completions(handler: Handler, body: dict) -> None:
@@ -104,8 +107,10 @@ def completions(handler: Handler, body: dict) -> None:
         assistant = served.assistant
         options = generation_options(body, assistant.options.replace(stop=()))
         n = choice_count(body.get("n"), assistant.engine.max_active)
-        choices = Choices.start(lambda i: assistant.complete(text, **asdict(seeded(options, i))), n)
-        respond(handler, body, TEXT, served.name, choices)
+        top = logprobs_count(body.get("logprobs"), "logprobs")
+        choices = Choices.start(lambda i: assistant.complete(text, logprobs=top, **asdict(seeded(options, i))), n)
+        reply = Reply(TEXT, served.name, TokenLogprobs(assistant.tokenizer, choices), include_usage(body))
+        respond(handler, body, reply, choices)
 
 
 def model_entries(row: dict, pool) -> List[dict]:
@@ -137,9 +142,8 @@ def model(handler: Handler, body: Optional[dict] = None) -> None:
     handler.send_json(200, entry)
 
 
-def respond(handler: Handler, body: dict, kind: str, model: str, choices: Choices) -> None:
+def respond(handler: Handler, body: dict, reply: "Reply", choices: Choices) -> None:
     """Send the answers as one JSON object, or as server-sent events with ``"stream": true``."""
-    reply = Reply(kind, model, include_usage(body) if body.get("stream") else False)
     with handler.answering(choices):
         if not body.get("stream"):
             answers = finished(handler, choices)
@@ -158,12 +162,13 @@ def respond(handler: Handler, body: dict, kind: str, model: str, choices: Choice
 
 
 class Reply:
-    """The JSON of one request's answer, whole or in chunks, in OpenAI's shapes."""
+    """The JSON of one request's answers, whole or in chunks, in OpenAI's shapes."""
 
-    def __init__(self, kind: str, model: str, include_usage: bool):
-        self.kind, self.model, self.include_usage = kind, model, include_usage
+    def __init__(self, kind: str, model: str, logprobs: TokenLogprobs, include_usage: bool):
+        self.kind, self.model, self.logprobs, self.include_usage = kind, model, logprobs, include_usage
         self.id = f"{'chatcmpl' if kind == CHAT else 'cmpl'}-{uuid.uuid4().hex[:24]}"
         self.created = int(time.time())
+        self.offsets: dict = {}  # completions: each choice's text offset so far, for text_offset
 
     def envelope(self, obj: str, choices: list) -> dict:
         return {"id": self.id, "object": obj, "created": self.created, "model": self.model, "choices": choices}
@@ -171,22 +176,40 @@ class Reply:
     def payload(self, answers) -> dict:
         choices = []
         for i, a in enumerate(answers):
-            choice = ({"index": i, "message": {"role": "assistant", "content": a.text}, "logprobs": None}
-                      if self.kind == CHAT else {"index": i, "text": a.text, "logprobs": None})
-            choice["finish_reason"] = a.finish_reason
+            choice = ({"index": i, "message": {"role": "assistant", "content": a.text}} if self.kind == CHAT
+                      else {"index": i, "text": a.text})
+            choice.update(logprobs=self.token_logprobs(i), finish_reason=a.finish_reason)
             if len(answers) > 1:
                 choice["stats"] = a.stats.as_dict()
             choices.append(choice)
         return {**self.envelope(self.kind, choices), "usage": usage(answers), "stats": answers[0].stats.as_dict(),
                 "options": answers[0].options}
 
+    def token_logprobs(self, i: int) -> Optional[dict]:
+        """Choice ``i``'s new tokens' log-probabilities as OpenAI gives them (chat or legacy completions)."""
+        entries = self.logprobs.new(i)
+        if entries is None:
+            return None
+        if self.kind == CHAT:
+            def item(token: str, logprob: float) -> dict:
+                return {"token": token, "logprob": logprob, "bytes": list(token.encode("utf-8"))}
+
+            return {"content": [{**item(t, lp), "top_logprobs": [item(a, b) for a, b in top]} for t, lp, top in entries],
+                    "refusal": None}
+        offsets = []
+        for t, _, _ in entries:
+            offsets.append(self.offsets.get(i, 0))
+            self.offsets[i] = offsets[-1] + len(t)
+        return {"tokens": [t for t, _, _ in entries], "token_logprobs": [lp for _, lp, _ in entries],
+                "top_logprobs": [dict(top) for _, _, top in entries], "text_offset": offsets}
+
     def chunk(self, i: int, text: Optional[str], finish: Optional[str] = None, first: bool = False) -> dict:
         if self.kind == CHAT:
             delta = {"role": "assistant", "content": text or ""} if first else ({"content": text} if text else {})
-            choice = {"index": i, "delta": delta, "logprobs": None, "finish_reason": finish}
-            data = self.envelope("chat.completion.chunk", [choice])
+            data = self.envelope("chat.completion.chunk", [{"index": i, "delta": delta}])
         else:
-            data = self.envelope(TEXT, [{"index": i, "text": text or "", "logprobs": None, "finish_reason": finish}])
+            data = self.envelope(TEXT, [{"index": i, "text": text or ""}])
+        data["choices"][0].update(logprobs=self.token_logprobs(i), finish_reason=finish)
         if self.include_usage:
             data["usage"] = None
         return data
