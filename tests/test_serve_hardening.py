@@ -6,40 +6,24 @@ import http.client
 import json
 import os
 import select
-import shutil
 import signal
 import socket
 import subprocess
 import sys
 import threading
-import time
 
 import pytest
 
-from conftest import TINY_PROMPT, raw, running_server, start_server, stop_server
+from conftest import TINY_PROMPT, multi_model_server, raw, running_server, start_server, stop_server, wait_until
 
 DEADLINE = 60.0  # generous: these wait for a condition, they do not time anything
-
-
-def until(predicate, timeout=DEADLINE):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError("the condition did not come true in time")
 
 
 def read_all(sock) -> bytes:
     """Everything the server sends until it closes the connection."""
     sock.settimeout(DEADLINE)
-    data = b""
-    while True:
-        chunk = sock.recv(65536)
-        if not chunk:
-            return data
-        data += chunk
+    chunks = iter(lambda: sock.recv(65536), b"")
+    return b"".join(chunks)
 
 
 def status_and_json(response: bytes):
@@ -50,9 +34,8 @@ def status_and_json(response: bytes):
 @pytest.fixture(scope="module")
 def strict(tmp_path_factory, tiny_gemma, tiny_llama):
     """A server with a 1-second request deadline; the tiny llama is in its store."""
-    home = tmp_path_factory.mktemp("strict-home")
-    shutil.copytree(tiny_llama, home / "models" / "tinyllama")
-    with running_server(home, tiny_gemma, "--request-timeout", "1") as info:
+    with multi_model_server(tmp_path_factory.mktemp("strict-home"), tiny_gemma, "--request-timeout", "1",
+                            store=[("tinyllama", tiny_llama)]) as info:
         yield info
 
 
@@ -108,11 +91,11 @@ def test_past_the_connection_cap_a_client_gets_503(tmp_path, tiny_llama):
     with running_server(tmp_path / "home", tiny_llama, "--max-connections", "3") as server:
         held = [socket.create_connection((server["host"], server["port"])) for _ in range(3)]
         try:
-            until(lambda: raw_health_refused(server))
+            wait_until(lambda: raw_health_refused(server))
         finally:
             for s in held:
                 s.close()
-        until(lambda: raw(server, "GET", "/health")[0] == 200)
+        wait_until(lambda: raw(server, "GET", "/health")[0] == 200)
 
 
 def raw_health_refused(server) -> bool:
@@ -186,7 +169,7 @@ def test_sigterm_ends_every_answer_with_a_final_event(tmp_path, tiny_llama):
 
     thread = threading.Thread(target=whole)
     thread.start()
-    until(lambda: raw(server, "GET", "/health")[1]["active"] == 3)
+    wait_until(lambda: raw(server, "GET", "/health")[1]["active"] == 3)
     proc.send_signal(signal.SIGTERM)
     events = read_all(sse).decode()
     lines = read_all(ndjson).decode().strip().splitlines()
