@@ -88,9 +88,9 @@ def chat(handler: Handler, body: dict) -> None:
         return load_only(handler, body, {"message": {"role": "assistant", "content": ""}})
     system, history, query = parse_messages(messages)
     top = logprobs_asked(body.get("logprobs"), body.get("top_logprobs"))
+    options = options_of(body, handler.server.pool.default_options)
     with handler.server.pool.use(body.get("model"), body.get("keep_alive")) as served:
         a = served.assistant
-        options = options_of(body, a.options)
         choices = Choices.start(lambda i: a.stream(query, history=history, system=system, remember=True,
                                                    logprobs=top, **asdict(options)))
         respond(handler, body, served, choices, started, lambda text: {"message": {"role": "assistant",
@@ -105,13 +105,14 @@ def generate(handler: Handler, body: dict) -> None:
         return load_only(handler, body, {"response": ""})
     system = checked_text(body.get("system") or "", "'system'", "system")
     top = logprobs_asked(body.get("logprobs"), body.get("top_logprobs"))
+    raw = bool(body.get("raw"))  # the prompt as it is, no frame: a continuation
+    defaults = handler.server.pool.default_options
+    options = options_of(body, defaults.replace(stop=()) if raw else defaults)
     with handler.server.pool.use(body.get("model"), body.get("keep_alive")) as served:
         a = served.assistant
-        if body.get("raw"):  # the prompt as it is, no frame: a continuation
-            options = options_of(body, a.options.replace(stop=()))
+        if raw:
             choices = Choices.start(lambda i: a.complete(prompt, logprobs=top, **asdict(options)))
         else:
-            options = options_of(body, a.options)
             choices = Choices.start(lambda i: a.stream(prompt, system=system, logprobs=top, **asdict(options)))
         respond(handler, body, served, choices, started, lambda text: {"response": text})
 

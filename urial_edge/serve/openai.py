@@ -19,10 +19,11 @@ ends with an error event and ``[DONE]``.
 import socket
 import time
 import uuid
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from typing import List, Optional, Tuple
 
 from ..runtime.messages import MessageError, conversation
+from ..runtime.options import GenerationOptions
 from .answers import (Choices, StreamStopped, TokenLogprobs, answer_events, checked_text, choice_count, finished,
                       generation_options, logprobs_asked, logprobs_count, seeded)
 from .http import BadRequest, Handler, error_body
@@ -83,16 +84,14 @@ def include_usage(body: dict) -> bool:
 
 def chat_completions(handler: Handler, body: dict) -> None:
     system, history, query = parse_messages(body.get("messages"))
-    unsupported(body)
+    asked = requested(handler, body, handler.server.pool.default_options,
+                      logprobs_asked(body.get("logprobs"), body.get("top_logprobs")))
     with handler.server.pool.use(body.get("model"), body.get("keep_alive")) as served:
-        assistant = served.assistant
-        options = generation_options(body, assistant.options)
-        n = choice_count(body.get("n"), assistant.engine.max_active)
-        top = logprobs_asked(body.get("logprobs"), body.get("top_logprobs"))
-        choices = Choices.start(lambda i: assistant.stream(query, history=history, system=system, remember=i == 0,
-                                                           logprobs=top, **asdict(seeded(options, i))), n)
-        reply = Reply(CHAT, served.name, TokenLogprobs(assistant.tokenizer, choices), include_usage(body))
-        respond(handler, body, reply, choices)
+        a = served.assistant
+        choices = Choices.start(lambda i: a.stream(query, history=history, system=system, remember=i == 0,
+                                                   logprobs=asked.logprobs, **asdict(seeded(asked.options, i))),
+                                asked.n)
+        respond(handler, body, Reply(CHAT, served.name, TokenLogprobs(a.tokenizer, choices), asked.usage), choices)
 
 
 def completions(handler: Handler, body: dict) -> None:
@@ -102,15 +101,29 @@ def completions(handler: Handler, body: dict) -> None:
     text = checked_text(prompt, "'prompt'", "prompt")
     if not text:
         raise BadRequest("'prompt' must be a non-empty string", param="prompt")
-    unsupported(body)
+    asked = requested(handler, body, handler.server.pool.default_options.replace(stop=()),
+                      logprobs_count(body.get("logprobs"), "logprobs"))
     with handler.server.pool.use(body.get("model"), body.get("keep_alive")) as served:
-        assistant = served.assistant
-        options = generation_options(body, assistant.options.replace(stop=()))
-        n = choice_count(body.get("n"), assistant.engine.max_active)
-        top = logprobs_count(body.get("logprobs"), "logprobs")
-        choices = Choices.start(lambda i: assistant.complete(text, logprobs=top, **asdict(seeded(options, i))), n)
-        reply = Reply(TEXT, served.name, TokenLogprobs(assistant.tokenizer, choices), include_usage(body))
-        respond(handler, body, reply, choices)
+        a = served.assistant
+        choices = Choices.start(lambda i: a.complete(text, logprobs=asked.logprobs,
+                                                     **asdict(seeded(asked.options, i))), asked.n)
+        respond(handler, body, Reply(TEXT, served.name, TokenLogprobs(a.tokenizer, choices), asked.usage), choices)
+
+
+@dataclass
+class Asked:
+    """What a request asks for besides its text, checked before any model is loaded for it."""
+
+    options: GenerationOptions
+    n: int
+    logprobs: Optional[int]
+    usage: bool  # stream_options.include_usage
+
+
+def requested(handler: Handler, body: dict, defaults: GenerationOptions, logprobs: Optional[int]) -> Asked:
+    unsupported(body)
+    return Asked(generation_options(body, defaults), choice_count(body.get("n"), handler.server.pool.max_batch),
+                 logprobs, include_usage(body))
 
 
 def model_entries(row: dict, pool) -> List[dict]:

@@ -119,6 +119,7 @@ class Pool:
         """``default`` (a started Assistant) is kept for ever; ``load`` None serves only it (a model split over
         several ranks, whose ranks replay one assistant's calls)."""
         self.default_name, self.default_prompt, self.default_options = default_name, default.prompt, default.options
+        self.max_batch = default.batch_size  # every model loaded decodes this many answers together
         self.load, self.keep_alive = load, keep_alive
         self.max_models, self.max_memory = max_models, max_memory
         self.lock = threading.Condition()
