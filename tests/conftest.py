@@ -136,7 +136,7 @@ def openai_client(server):
     return openai.OpenAI(base_url=f"http://{server['host']}:{server['port']}/v1", api_key="none", max_retries=0)
 
 
-def wait_until(condition, timeout=60.0):
+def wait_until(condition, timeout=60.0, what="the condition"):
     """Poll ``condition`` until it returns something true (no fixed sleeps: a busy machine only waits longer)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -144,7 +144,7 @@ def wait_until(condition, timeout=60.0):
         if value:
             return value
         time.sleep(0.05)
-    raise AssertionError("the condition did not come true in time")
+    raise AssertionError(f"timed out waiting for {what}")
 
 
 def stop_server(proc) -> str:

@@ -16,12 +16,11 @@ import json
 import os
 import re
 import socket
-import time
 from pathlib import Path
 
 import pytest
 
-from conftest import TINY_PROMPT, running_server, start_server, stop_server
+from conftest import TINY_PROMPT, running_server, start_server, stop_server, wait_until
 from urial_edge.serve import static
 
 # Debian's chromium; URIAL_EDGE_CHROMIUM points at another Chromium or Chrome (e.g. a CI runner's own)
@@ -160,17 +159,6 @@ def get(server, path, headers=None):
 
 def health(server) -> dict:
     return json.loads(get(server, "/health")[2])
-
-
-def wait_until(condition, timeout=WAIT_MS / 1000, what="the condition"):
-    """Poll ``condition`` until it returns something true (no fixed sleeps: a busy machine only waits longer)."""
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def url(server, path="/"):

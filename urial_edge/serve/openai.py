@@ -12,8 +12,9 @@ together (with a seed, answer i uses seed + i), ``stream_options.include_usage``
 (a last chunk with ``choices: []`` and the usage),
 ``usage.prompt_tokens_details.cached_tokens`` (prompt tokens that came from a
 cached state), and ``logprobs`` (chat: ``logprobs: true, top_logprobs: k``;
-completions: ``logprobs: k``) from the distribution each token was drawn from. A stream the server has to end early (SIGTERM, a failed step)
-ends with an error event and ``[DONE]``.
+completions: ``logprobs: k``) from the distribution each token was drawn
+from. A stream the server has to end early (SIGTERM, a failed step) ends with
+an error event and ``[DONE]``.
 """
 
 import socket
@@ -207,8 +208,8 @@ class Reply:
             def item(token: str, logprob: float) -> dict:
                 return {"token": token, "logprob": logprob, "bytes": list(token.encode("utf-8"))}
 
-            return {"content": [{**item(t, lp), "top_logprobs": [item(a, b) for a, b in top]} for t, lp, top in entries],
-                    "refusal": None}
+            return {"content": [{**item(t, lp), "top_logprobs": [item(a, b) for a, b in top]}
+                                for t, lp, top in entries], "refusal": None}
         offsets = []
         for t, _, _ in entries:
             offsets.append(self.offsets.get(i, 0))
