@@ -62,6 +62,8 @@ def test_a_model_and_a_prompt_load_on_demand_and_the_loaded_keep_serving(server)
 def test_names_that_cannot_be_served_get_404_with_a_reason(server):
     with pytest.raises(openai.NotFoundError, match="not found"):
         ask(server, "Hi", model="no-such-model")
+    with pytest.raises(openai.NotFoundError, match=r"not downloaded; run `urial-edge models pull mistral-7b`"):
+        ask(server, "Hi", model="mistral-7b")  # a registry model that is not in the Hugging Face cache
     with pytest.raises(openai.NotFoundError, match="unknown prompt 'no-such-prompt'"):
         ask(server, "Hi", model=f"{server['name']}:no-such-prompt")
     assert text(ask(server, "Hi")) is not None

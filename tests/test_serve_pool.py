@@ -187,3 +187,14 @@ def test_unknown_names_and_prompts(store):
         assert names(pool) == ["one"]
     finally:
         pool.close()
+
+
+@pytest.mark.parametrize("option,value", [("--state-cache", "lots"), ("--keep-alive", "soon"),
+                                          ("--max-memory", "lots"), ("--request-timeout", "0")])
+def test_bad_serve_option_values_exit_2(home, option, value):
+    from click.testing import CliRunner
+
+    from urial_edge.cli.main import cli
+
+    result = CliRunner().invoke(cli, ["serve", option, value])
+    assert result.exit_code == 2 and option in result.output

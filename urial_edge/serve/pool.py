@@ -9,8 +9,9 @@ One :class:`Loaded` per model holds one copy of the weights and tokenizer, one
 engine (its own thread) and, per prompt asked of it, an ``Assistant`` that shares
 them (``Assistant.with_prompt``) and resumes from its own cached prefix state, so
 answers of several prompts of one model decode in the same batches. A model is
-loaded by the request that first needs it, in that request's thread: the models
-already loaded keep answering on their own engine threads meanwhile.
+loaded by the request that first needs it, on a loading thread of lower CPU
+priority: the models already loaded keep answering on their own engine threads
+meanwhile, with their share of the cores.
 
 A loaded model stays for its keep-alive time after its last answer (the server's
 ``--keep-alive``; a request's ``keep_alive`` replaces it, as in Ollama: 0 unloads
@@ -22,8 +23,10 @@ with answers in flight is never unloaded. Unloading stops the model's engine
 thread, drops every reference and returns MLX's buffers to the system.
 """
 
+import ctypes
 import gc
 import os
+import sys
 import threading
 import time
 from contextlib import contextmanager
@@ -42,17 +45,44 @@ from ..runtime.prompt import Prompt, builtin_prompts, load_prompt
 from ..units import format_size, parse_keep_alive
 from .http import BadRequest
 
+LOADER_NICE = 10  # how much lower a loading thread's CPU priority is (Linux)
 LOAD_WAIT = 60.0  # seconds a load waits for busy models to make room before the request gets 503
 REAP_EVERY = 1.0
 LATEST = "latest"  # Ollama's tag for "the default": here, the default prompt
 
-Loader = Callable[[Path, Prompt], object]  # (model directory, prompt) -> a started Assistant
+Loader = Callable[[Path, Prompt], object]
+_LIBC = ctypes.CDLL("libc.so.6") if sys.platform.startswith("linux") else None  # (model directory, prompt) -> a started Assistant
 
 
 def split_name(requested: str) -> Tuple[str, Optional[str]]:
     """``"model:prompt"`` -> ``(model, prompt)``; no prompt (or Ollama's ``latest``) gives None."""
     model, _, prompt = requested.strip().rpartition(":") if ":" in requested else (requested.strip(), "", "")
     return model, (prompt if prompt and prompt != LATEST else None)
+
+
+def loading_thread(work: Callable[[], object]) -> object:
+    """``work()`` on a thread of its own at a lower CPU priority, its result (or error) handed back here.
+
+    Loading a model reads and converts its weights and may build its prefix state: seconds of CPU. On
+    Linux, where priority is per thread (and the MLX stream thread a thread starts inherits it), the
+    engines of the models already loaded keep their share of the cores meanwhile.
+    """
+    out: dict = {}
+
+    def run() -> None:
+        if sys.platform.startswith("linux"):
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), LOADER_NICE)
+        try:
+            out["value"] = work()
+        except BaseException as e:  # re-raised in the requesting thread
+            out["error"] = e
+
+    thread = threading.Thread(target=run, name="urial-edge-loader", daemon=True)
+    thread.start()
+    thread.join()
+    if "error" in out:
+        raise out["error"]
+    return out["value"]
 
 
 def model_name(spec: Optional[str], path: Path) -> str:
@@ -251,7 +281,7 @@ class Pool:
             self.loading[(path, None)] = need
         self._make_room(name)
         started = time.perf_counter()
-        assistant = self.load(path, prompt)
+        assistant = loading_thread(lambda: self.load(path, prompt))
         loaded = Loaded(name, path, {prompt.name: assistant}, need, self.keep_alive,
                         time.perf_counter() - started, users=1)
         with self.lock:
@@ -260,7 +290,7 @@ class Pool:
 
     def _add_prompt(self, loaded: Loaded, prompt: Prompt) -> None:
         sibling = loaded.first.with_prompt(prompt)
-        sibling.start()  # loads or builds its prefix state on this request's thread
+        loading_thread(sibling.start)  # loads or builds its prefix state
         with self.lock:
             loaded.prompts[prompt.name] = sibling
 
@@ -341,9 +371,11 @@ class Pool:
 
     @staticmethod
     def _free() -> None:
-        """Return the memory of unloaded models, once no reference to them is left."""
+        """Return the memory of unloaded models to the system, once no reference to them is left."""
         gc.collect()  # generations and their engine refer to each other
         mx.clear_cache()
+        if _LIBC is not None:  # glibc keeps freed heap pages (threads' arenas) unless asked to give them back
+            _LIBC.malloc_trim(0)
 
     def close(self) -> None:
         """Stop the reaper and the engine threads of the idle models (a split model's lock-step stops its own)."""

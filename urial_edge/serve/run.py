@@ -20,6 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
+import mlx.core as mx
+
 from ..errors import UrialError
 from ..runtime.assistant import Assistant
 from ..runtime.prompt import Prompt, load_prompt, render_prefix
@@ -72,6 +74,7 @@ def health(handler: Handler, body: Optional[dict] = None) -> None:
         "max_queued": default.max_queued if default else None,
         "states": {"count": sum(len(s) for s in states), "bytes": sum(s.nbytes for s in states),
                    "max_bytes": sum(s.max_bytes for s in states)},
+        "memory": {"mlx_active": mx.get_active_memory(), "mlx_cache": mx.get_cache_memory()},
         "models": [{"name": m.name, "prompts": list(m.prompts), "answering": m.users, "bytes": m.nbytes(),
                     "keep_alive": m.keep_alive, "expires_at": m.expires_at(), **m.engine.load} for m in loaded]})
 
@@ -94,7 +97,7 @@ def loader(default) -> Callable[[Path, Prompt], Assistant]:
                                    batch_size=default.batch_size, max_queued=default.engine.max_queued,
                                    state_bytes=default.states.max_bytes)
         assistant.options = default.options
-        assistant.start()  # loads or builds the prefix state, on the requesting thread
+        assistant.start()  # loads or builds the prefix state
         return assistant
 
     return load
