@@ -100,7 +100,26 @@ def rss_mb(pid: int) -> float:
 
 
 def serve(*args) -> tuple:
-    return launch([*args, "--max-batch", "8", "--keep-alive", "-1", "--max-models", "4", "--max-memory", "none"])
+    proc, info = launch([*args, "--max-batch", "8", "--keep-alive", "-1", "--max-models", "4", "--max-memory", "none"])
+    return proc, {**info, "pid": proc.pid}
+
+
+def cpu_seconds(pids) -> float:
+    """User and system CPU time the processes have used so far."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    return sum(sum(int(f) for f in Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[11:13]) / ticks
+               for pid in pids)
+
+
+def measured(jobs, max_tokens: int) -> dict:
+    """``run_clients``, and the tokens per CPU-second the servers spent on them: on a machine other jobs
+    share, wall-clock rates move with the share of the cores a setup gets; CPU per token does not."""
+    pids = {info["pid"] for info, _ in jobs}
+    before = cpu_seconds(pids)
+    out = run_clients(jobs, max_tokens)
+    out["cpu_s"] = cpu_seconds(pids) - before
+    out["tokens_per_cpu_s"] = out["tokens"] / out["cpu_s"]
+    return out
 
 
 def throughput(jobs_multi, jobs_split, max_tokens: int, repeats: int) -> list:
@@ -108,8 +127,8 @@ def throughput(jobs_multi, jobs_split, max_tokens: int, repeats: int) -> list:
     runs = {"one server": [], "one server per model": []}
     run_clients(jobs_multi, 8), run_clients(jobs_split, 8)  # warm up
     for _ in range(repeats):
-        runs["one server"].append(run_clients(jobs_multi, max_tokens))
-        runs["one server per model"].append(run_clients(jobs_split, max_tokens))
+        runs["one server"].append(measured(jobs_multi, max_tokens))
+        runs["one server per model"].append(measured(jobs_split, max_tokens))
     return [{"setup": setup, **max(r, key=lambda x: x["tps"])} for setup, r in runs.items()]
 
 
@@ -128,20 +147,21 @@ def load_ttft(info: dict, name: str, path: Path, repeats: int) -> dict:
 
 
 def beside_a_load(info: dict, other: str, path: Path, cold: bool, repeats: int) -> dict:
-    """TTFT of the default model idle, and while ``other`` loads (warm, or cold: its prefix built)."""
-    idle = statistics.median(ttft(info) for _ in range(5))
-    busy = []
+    """TTFT of the default model idle, and while ``other`` loads (warm, or cold: its prefix built), in turns."""
+    idle, busy = [], []
     for _ in range(repeats):
         unload(info, other)
         if cold:
             forget_prefixes(path)
+        idle += [ttft(info) for _ in range(5)]
         loader = threading.Thread(target=ttft, args=(info, other))
         loader.start()
         while loader.is_alive():
             busy.append(ttft(info))
         loader.join()
-    return {"load": "cold" if cold else "warm", "idle_ttft": idle, "busy_ttft": statistics.median(busy),
-            "busy / idle": statistics.median(busy) / idle, "samples": len(busy)}
+    ratio = statistics.median(busy) / statistics.median(idle)
+    return {"load": "cold" if cold else "warm", "idle_ttft": statistics.median(idle),
+            "busy_ttft": statistics.median(busy), "busy / idle": ratio, "samples": len(busy)}
 
 
 def memory(models: dict) -> list:
@@ -199,7 +219,7 @@ def main():
 
 
 def report(rows, loads, beside, mem, args) -> None:
-    columns = ["targets", "setup", "clients", "tokens", "tps", "ttft_p50", "ttft_p95"]
+    columns = ["targets", "setup", "clients", "tokens", "tps", "ttft_p50", "ttft_p95", "cpu_s", "tokens_per_cpu_s"]
     notes = (f"{args.clients} streaming clients per model (or prompt), {args.max_tokens} tokens per answer at most, "
              f"best of {args.repeats} runs taken in turns; every server with --max-batch 8.")
     extra = {"load_ttft": loads, "beside_a_load": beside, "memory": mem}

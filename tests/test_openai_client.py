@@ -173,6 +173,8 @@ HOSTILE = {
     "lone surrogate in a prompt": ("/v1/completions", '{"prompt": "hi \\ud800"}', "prompt"),
     "repetition_context 1e20": ("/v1/chat/completions", "{" + MESSAGE + ', "repetition_context": 1e20}',
                                 "repetition_context"),
+    "a model that is not a string": ("/v1/chat/completions", "{" + MESSAGE + ', "model": ["x"]}', "model"),
+    "a keep_alive that is not a duration": ("/v1/chat/completions", "{" + MESSAGE + ', "keep_alive": "soon"}', None),
 }
 
 

@@ -20,6 +20,7 @@ an error event and ``[DONE]``.
 import socket
 import time
 import uuid
+from urllib.parse import unquote
 from dataclasses import asdict, dataclass
 from typing import List, Optional, Tuple
 
@@ -148,7 +149,7 @@ def models(handler: Handler, body: Optional[dict] = None) -> None:
 
 def model(handler: Handler, body: Optional[dict] = None) -> None:
     """``GET /v1/models/{id}``."""
-    wanted = handler.path[len("/v1/models/"):]
+    wanted = unquote(handler.path[len("/v1/models/"):])
     pool = handler.server.pool
     entry = next((e for row in pool.servable() for e in model_entries(row, pool) if e["id"] == wanted), None)
     if entry is None:

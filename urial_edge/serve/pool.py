@@ -50,8 +50,8 @@ LOAD_WAIT = 60.0  # seconds a load waits for busy models to make room before the
 REAP_EVERY = 1.0
 LATEST = "latest"  # Ollama's tag for "the default": here, the default prompt
 
-Loader = Callable[[Path, Prompt], object]
-_LIBC = ctypes.CDLL("libc.so.6") if sys.platform.startswith("linux") else None  # (model directory, prompt) -> a started Assistant
+Loader = Callable[[Path, Prompt], object]  # (model directory, prompt) -> a started Assistant
+_LIBC = ctypes.CDLL("libc.so.6") if sys.platform.startswith("linux") else None
 
 
 def split_name(requested: str) -> Tuple[str, Optional[str]]:
@@ -157,6 +157,7 @@ class Pool:
         # (path, None) for a model being loaded, (path, prompt name) for a prompt being added: the bytes reserved
         self.loading: Dict[Tuple[Path, Optional[str]], int] = {}
         self.paths: Dict[str, Path] = {default_name: default.model_path}  # names resolved so far
+        self._prompts: Dict[str, Prompt] = {}  # prompts read so far
         self.finished_before: Dict[str, int] = {}  # answers by outcome of the models unloaded so far
         self.closed = False
         self.load_wait = LOAD_WAIT
@@ -181,7 +182,9 @@ class Pool:
         if self.load is None or name not in known:
             choices = ", ".join(known) if self.load is not None else self.default_prompt.name
             raise BadRequest(f"unknown prompt {name!r}; this server's prompts: {choices}", 404, "model")
-        return load_prompt(str(known[name]))
+        if name not in self._prompts:  # shipped prompts do not change while the server runs
+            self._prompts[name] = load_prompt(str(known[name]))
+        return self._prompts[name]
 
     def servable(self) -> List[dict]:
         """Every model a request may name: the store's and the registry's that answer without a download,
@@ -215,6 +218,12 @@ class Pool:
         self.paths[name] = path
         return path
 
+    def named(self, requested) -> Tuple[str, Optional[str]]:
+        """A request's ``model`` as ``(model, prompt or None)``; no model is the server's default."""
+        if requested is not None and not isinstance(requested, str):
+            raise BadRequest(f"'model' must be a string, got {type(requested).__name__}", param="model")
+        return split_name(requested) if requested else (self.default_name, None)
+
     def ready_path(self, row: dict) -> Optional[Path]:
         """The directory of a servable model if it is on disk already (a listing converts nothing)."""
         if row["name"] in self.paths:
@@ -233,7 +242,7 @@ class Pool:
         """The assistant for ``requested`` (None or "": the default), loaded if need be, held for the
         duration of the block (it is not unloaded meanwhile); ``keep_alive`` (as Ollama's) applies after."""
         started = time.perf_counter()
-        name, prompt_name = split_name(requested) if requested else (self.default_name, None)
+        name, prompt_name = self.named(requested)
         keep = parse_keep_alive(keep_alive) if keep_alive is not None else None
         loaded, assistant = self._acquire(self.resolve(name), name, self.prompt(prompt_name))
         try:
@@ -305,7 +314,7 @@ class Pool:
 
     def expire(self, requested: Optional[str]) -> None:
         """Unload a model as soon as it is idle (Ollama's request with ``keep_alive: 0`` and nothing to answer)."""
-        path = self.paths.get(split_name(requested)[0] if requested else self.default_name)
+        path = self.paths.get(self.named(requested)[0])
         with self.lock:
             loaded = self.models.get(path)
             if loaded is not None and self.load is not None:
