@@ -198,3 +198,13 @@ def test_bad_serve_option_values_exit_2(home, option, value):
 
     result = CliRunner().invoke(cli, ["serve", option, value])
     assert result.exit_code == 2 and option in result.output
+
+
+def test_with_prompt_shares_the_model_and_answers_as_its_own_assistant(store):
+    from urial_edge.runtime.assistant import Assistant
+
+    a = Assistant.load(str(store / "models" / "one"), str(store / "tiny.toml"), max_tokens=6)
+    b = a.with_prompt("urial-k0")
+    assert b.model is a.model and b.engine is a.engine and b.tokenizer is a.tokenizer and b.prompt.name == "urial-k0"
+    alone = Assistant.load(str(store / "models" / "one"), "urial-k0", max_tokens=6)
+    assert b.ask("Name a river.").text == alone.ask("Name a river.").text != a.ask("Name a river.").text

@@ -97,10 +97,11 @@ class Assistant:
         assistant.shard = shard
         return assistant
 
-    def with_prompt(self, prompt: urial.Prompt) -> "Assistant":
-        """The same model with another prompt: one copy of the weights and tokenizer, one engine (answers
-        of both prompts decode in the same batches) and one store of conversation states; its own prefix
-        state. A server holding several prompts of a model uses this."""
+    def with_prompt(self, prompt) -> "Assistant":
+        """The same model with another prompt (a name, a file or a ``Prompt``): one copy of the weights and
+        tokenizer, one engine (answers of both prompts decode in the same batches) and one store of
+        conversation states; its own prefix state. A server holding several prompts of a model uses this."""
+        prompt = prompt if isinstance(prompt, urial.Prompt) else urial.load_prompt(prompt)
         sibling = Assistant(self.model, self.config, self.tokenizer, self.model_path, prompt, self.options,
                             self.kv_bits, self.use_cache, self.progress, self.batch_size, engine=self.engine,
                             states=self.states)
