@@ -8,6 +8,8 @@ import contextlib
 import http.client
 import json
 import os
+import shutil
+import time
 from pathlib import Path
 
 import pytest
@@ -106,6 +108,43 @@ def running_server(home, model, *extra):
         yield {"proc": proc, "host": host, "port": port, "home": home, "prompt": prompt, "model": model}
     finally:
         assert "Traceback" not in stop_server(proc)
+
+
+@contextlib.contextmanager
+def multi_model_server(home, model, *extra, store=()):
+    """``running_server`` whose store also holds ``store``'s ``(name, model directory)`` pairs, for models
+    loaded on demand; the info has the served model's ``name``."""
+    for name, directory in store:
+        shutil.copytree(directory, home / "models" / name)
+    with running_server(home, model, *extra) as info:
+        info["name"] = model.name
+        yield info
+
+
+@pytest.fixture(scope="session")
+def two_models(tmp_path_factory, tiny_gemma, tiny_llama):
+    """A server started with the tiny gemma model, whose store holds the tiny llama (``tinyllama``) to load
+    on demand; shared by the tests of the official clients (each loads what it needs)."""
+    with multi_model_server(tmp_path_factory.mktemp("two-models-home"), tiny_gemma,
+                            store=[("tinyllama", tiny_llama)]) as info:
+        yield info
+
+
+def openai_client(server):
+    import openai
+
+    return openai.OpenAI(base_url=f"http://{server['host']}:{server['port']}/v1", api_key="none", max_retries=0)
+
+
+def wait_until(condition, timeout=60.0, what="the condition"):
+    """Poll ``condition`` until it returns something true (no fixed sleeps: a busy machine only waits longer)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
 
 
 def stop_server(proc) -> str:

@@ -21,6 +21,7 @@ import hashlib
 import itertools
 import json
 import re
+import threading
 import zipfile
 import zlib
 from pathlib import Path
@@ -335,9 +336,14 @@ class LazyBPE:
         self.kept: set = set()
         self.added_in: list = []
         self.current = self.probe = None
+        self._lock = threading.Lock()  # threads tokenize at once (an Assistant after start())
 
     def tokenizer_for(self, text: str):
         """A tokenizer that encodes ``text`` exactly as the full one does."""
+        with self._lock:
+            return self._tokenizer_for(text)
+
+    def _tokenizer_for(self, text: str):
         normalized = self.base.normalizer.normalize_str(text) if self.base.normalizer is not None else text
         added = [t for t in self.added
                  if (t["content"] in text or t["content"] in normalized) and t not in self.added_in]

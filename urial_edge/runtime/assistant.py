@@ -47,7 +47,8 @@ class Assistant:
     def __init__(self, model, config: dict, tokenizer: Tokenizer, model_path: Path, prompt: urial.Prompt,
                  options: GenerationOptions, kv_bits: Optional[int] = None, use_cache: bool = True,
                  progress: Optional[Progress] = None, batch_size: int = DEFAULT_BATCH_SIZE,
-                 max_queued: Optional[int] = None, state_bytes: int = DEFAULT_STATE_BYTES):
+                 max_queued: Optional[int] = None, state_bytes: int = DEFAULT_STATE_BYTES,
+                 engine: Optional[Engine] = None, states: Optional[StateCache] = None):
         self.model = model
         self.config = config
         self.tokenizer = tokenizer
@@ -68,9 +69,9 @@ class Assistant:
                 f"context of {self.context_length}"
             )
         self.progress = progress
-        self.engine = Engine(model, tokenizer, tokenizer.eos_ids, self.context_length, max_active=batch_size,
-                             max_queued=max_queued)
-        self.states = StateCache(state_bytes)
+        self.engine = engine or Engine(model, tokenizer, tokenizer.eos_ids, self.context_length,
+                                       max_active=batch_size, max_queued=max_queued)
+        self.states = states or StateCache(state_bytes)
         self._prefix: Optional[PrefixCache] = None
         self.shard: Optional[dict] = None  # this rank's part of a split model (distributed/sharding.py)
 
@@ -95,6 +96,17 @@ class Assistant:
                         batch_size, max_queued, state_bytes)
         assistant.shard = shard
         return assistant
+
+    def with_prompt(self, prompt) -> "Assistant":
+        """The same model with another prompt (a name, a file or a ``Prompt``): one copy of the weights and
+        tokenizer, one engine (answers of both prompts decode in the same batches) and one store of
+        conversation states; its own prefix state. A server holding several prompts of a model uses this."""
+        prompt = prompt if isinstance(prompt, urial.Prompt) else urial.load_prompt(prompt)
+        sibling = Assistant(self.model, self.config, self.tokenizer, self.model_path, prompt, self.options,
+                            self.kv_bits, self.use_cache, self.progress, self.batch_size, engine=self.engine,
+                            states=self.states)
+        sibling.shard = self.shard
+        return sibling
 
     # -- the prefix ---------------------------------------------------------
 

@@ -236,6 +236,7 @@ class Engine:
         self.finished = {"stop": 0, "length": 0, "cancelled": 0, "error": 0}  # answers by how they ended
         self._answer_seconds = 0.0  # recent answers' mean duration, for Retry-After
         self._driver: Optional[threading.Thread] = None
+        self._stopping = False
         self._stepping = threading.Lock()
         # under `serve` on several ranks, a distributed.Lockstep: its loop drives the steps and it
         # orders submissions and cancellations so that every rank's engine stays the same
@@ -281,6 +282,17 @@ class Engine:
             self._driver = threading.Thread(target=drive, name="urial-edge-engine", daemon=True)
             self._driver.start()
 
+    def stop(self) -> None:
+        """End the driver thread once nothing is in flight (a server unloading the model: the thread
+        holds the engine, and with it the model, for as long as it runs)."""
+        with self._lock:
+            self._stopping = True
+            self._lock.notify_all()
+        if self._driver is not None:
+            self._driver.join()
+            self._driver = None
+        self._stopping = False
+
     def advance(self, seq: Generation) -> None:
         """Make progress until ``seq`` may have news: wait for the driver thread, or run a step here."""
         if self._driver is not None:
@@ -306,6 +318,8 @@ class Engine:
         while True:
             with self._lock:
                 while not self.busy():
+                    if self._stopping:
+                        return
                     self._lock.wait()
             self.run_step()
 

@@ -57,18 +57,22 @@ def _chunks(conn, response) -> Iterator[dict]:
         conn.close()
 
 
-def chat_body(messages: List[dict], options) -> dict:
-    """The request body for ``messages`` with every generation option (see options.py)."""
-    return {"messages": messages, **options.to_json()}
+def chat_body(messages: List[dict], options, model: Optional[str] = None) -> dict:
+    """The request body for ``messages`` with every generation option (see options.py), for ``model``
+    (``name`` or ``name:prompt``; None: the server's default)."""
+    return {"messages": messages, **options.to_json(), **({"model": model} if model else {})}
 
 
 def remote_stream(info: dict, messages: List[dict], options, on_done=None):
-    """An ``AnswerStream`` of a server's answer to ``messages`` (the request is sent now)."""
+    """An ``AnswerStream`` of a server's answer to ``messages`` (the request is sent now) from the model
+    and prompt the server's record named (``info["request_model"]``)."""
     final: dict = {}
-    chunks = stream_chat(info, chat_body(messages, options))
+    chunks = stream_chat(info, chat_body(messages, options, info.get("request_model")))
 
     def pieces() -> Iterator[str]:
         for chunk in chunks:
+            if "error" in chunk:  # the server ended the stream early (it is stopping, or generation failed)
+                raise UrialError(f"the server stopped the answer: {chunk['error'].get('message')}")
             choice = chunk["choices"][0]
             piece = choice.get("delta", {}).get("content") or ""
             if piece:
