@@ -214,8 +214,8 @@ def _save(plt, fig, path: Path) -> None:
     plt.close(fig)
 
 
-def _shares_chart(plt, conds, title):
-    fig, ax = plt.subplots(figsize=(9, 1.4 + 0.55 * len(conds)))
+def share_bars(ax, conds: Sequence[dict]) -> None:
+    """One stacked bar per condition: its unshifted, marginal and shifted shares (also drawn by benchmarks/)."""
     left = [0.0] * len(conds)
     for cat in ("unshifted", "marginal", "shifted"):
         values = [100 * (c[cat] or 0) for c in conds]
@@ -228,6 +228,11 @@ def _shares_chart(plt, conds, title):
     ax.invert_yaxis()
     ax.set_xlim(0, 100)
     ax.set_xlabel("% of answer tokens")
+
+
+def _shares_chart(plt, conds, title):
+    fig, ax = plt.subplots(figsize=(9, 1.4 + 0.55 * len(conds)))
+    share_bars(ax, conds)
     ax.set_title(f"Token shift of the answers under {title}")
     ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1), fontsize="small")
     fig.tight_layout()
