@@ -120,9 +120,9 @@ def test_bare_query_is_bos_and_the_frame_only(home, tiny_gemma):
 # -- chat templates and the GGUF importer --------------------------------------------------------------
 
 
-GEMMA_LIKE = ("{{ bos_token }}{% for m in messages %}{% if m['role'] == 'assistant' %}{% set role = 'model' %}{% else %}"
-              "{% set role = m['role'] %}{% endif %}<start_of_turn>{{ role }}\n{{ m['content'] | trim }}<end_of_turn>\n"
-              "{% endfor %}{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}")
+GEMMA_LIKE = ("{{ bos_token }}{% for m in messages %}{% if m['role'] == 'assistant' %}{% set role = 'model' %}"
+              "{% else %}{% set role = m['role'] %}{% endif %}<start_of_turn>{{ role }}\n{{ m['content'] | trim }}"
+              "<end_of_turn>\n{% endfor %}{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}")
 
 
 @pytest.mark.parametrize("source,end", [(SMOLLM2_TEMPLATE, "<|im_end|>"), (GEMMA_LIKE, "<end_of_turn>")])

@@ -44,7 +44,8 @@ def write(out: Path, report: dict, views: List[dict]) -> None:
     write_text_atomic(out / "report.md", markdown(report))
     charts(out, report, views)
     write_text_atomic(out / "tokens.html", page(report, views))
-    write_text_atomic(out / "report.json", json.dumps({**report, "complete": True}, indent=1, ensure_ascii=False) + "\n")
+    complete = json.dumps({**report, "complete": True}, indent=1, ensure_ascii=False)
+    write_text_atomic(out / "report.json", complete + "\n")
 
 
 def pct(value: Optional[float]) -> str:
@@ -105,7 +106,8 @@ def _top_tables(conds: Sequence[dict]) -> List[str]:
 
 def _answer_table(conds: Sequence[dict]) -> List[str]:
     lines = ["## Per answer: shifted (unshifted)", "",
-             "| id | tokens | " + " | ".join(_md(c["condition"]) for c in conds) + " |", "|---" * (2 + len(conds)) + "|"]
+             "| id | tokens | " + " | ".join(_md(c["condition"]) for c in conds) + " |",
+             "|---" * (2 + len(conds)) + "|"]
     for k, a in enumerate(conds[0]["per_answer"]):
         cells = [f"{pct(c['per_answer'][k]['shifted'])} ({pct(c['per_answer'][k]['unshifted'])})" for c in conds]
         lines.append(f"| {_md(str(a['id']))} | {a['tokens']} | " + " | ".join(cells) + " |")
@@ -153,7 +155,8 @@ STYLE = """body{font:15px/1.5 system-ui,sans-serif;margin:2em auto;max-width:62e
 .a{white-space:pre-wrap;font:13px/1.6 ui-monospace,monospace;border:1px solid #ddd;padding:.6em;border-radius:4px}
 .u{background:#d8f0d8}.m{background:#fbe8a6}.s{background:#f5baba}.q{white-space:pre-wrap;color:#444}
 table{border-collapse:collapse}td,th{padding:2px 10px;border-bottom:1px solid #eee;text-align:right}
-td:first-child,th:first-child{text-align:left}summary{cursor:pointer;margin:.4em 0}h3{font-size:1em;margin:.8em 0 .3em}"""
+td:first-child,th:first-child{text-align:left}summary{cursor:pointer;margin:.4em 0}
+h3{font-size:1em;margin:.8em 0 .3em}"""
 
 
 def page(report: dict, views: Sequence[dict]) -> str:
@@ -162,7 +165,8 @@ def page(report: dict, views: Sequence[dict]) -> str:
     rows = "".join(f"<tr><td>{_esc(c['condition'])}</td><td>{c['tokens']}</td><td>{pct(c['unshifted'])}</td>"
                    f"<td>{pct(c['marginal'])}</td><td>{pct(c['shifted'])}</td></tr>" for c in conds)
     parts = ["<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">',
-             f"<title>Token distribution shift: {_esc(report['base_model'])}</title><style>{STYLE}</style></head><body>",
+             f"<title>Token distribution shift: {_esc(report['base_model'])}</title>",
+             f"<style>{STYLE}</style></head><body>",
              f"<h1>Token distribution shift: {_esc(report['base_model'])}</h1>",
              "".join(f"<p>{_esc(n)}</p>" for n in report["notes"]),
              '<p>Each answer token is coloured by where it ranks in the base model\'s next-token distribution: '
