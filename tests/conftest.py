@@ -178,8 +178,9 @@ def byte_symbols() -> list:
     return [mapping[b] for b in range(256)]
 
 
-def make_tiny_gguf(path: Path, seed: int = 0, layers: int = 2) -> Path:
-    """A random-weight llama GGUF (float32) with a byte-level BPE vocabulary that llama.cpp and the importer read."""
+def make_tiny_gguf(path: Path, seed: int = 0, layers: int = 2, chat_template: str = None) -> Path:
+    """A random-weight llama GGUF (float32) with a byte-level BPE vocabulary that llama.cpp and the importer read
+    (and a ``tokenizer.chat_template``, if given)."""
     import gguf
     import numpy as np
 
@@ -207,6 +208,8 @@ def make_tiny_gguf(path: Path, seed: int = 0, layers: int = 2) -> Path:
     w.add_eos_token_id(1)
     w.add_pad_token_id(0)
     w.add_add_bos_token(True)
+    if chat_template:
+        w.add_chat_template(chat_template)
 
     def tensor(name, *shape, scale=0.2):
         w.add_tensor(name, (rng.standard_normal(shape) * scale).astype(np.float32))
