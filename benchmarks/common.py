@@ -58,3 +58,15 @@ def best_of(fn, repeats: int = 3):
         result = fn()
         best = min(best, time.perf_counter() - start)
     return best, result
+
+
+def in_turns(runs: dict, repeats: int, key) -> dict:
+    """Run each of ``runs`` (name -> function) once per round for ``repeats`` rounds, in turns, so that a
+    shared machine's load falls on all of them alike; each one's best result by ``key`` (lowest)."""
+    best = {}
+    for _ in range(repeats):
+        for name, fn in runs.items():
+            result = fn()
+            if name not in best or key(result) < key(best[name]):
+                best[name] = result
+    return best

@@ -52,11 +52,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
-import numpy as np
-
 from ..disk.files import atomic_file
 from ..disk.paths import tokenizers_dir
 from ..errors import UrialError, one_line
+from ..log import warn
 from . import prompt as urial
 from . import validate
 
@@ -64,6 +63,9 @@ CLOSING = "\n" + urial.FENCE  # what ends an answer block of the URIAL frame
 # one line, as a script's parser expects; a schema's own "x-guidance" overrides these
 JSON_STYLE = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
 MAX_CHOICES = 1024
+# JSON Schema keywords a grammar cannot enforce are refused, unless the schema says "lenient" (llguidance's option)
+UNENFORCED = ("Unimplemented keys", "Unknown format")
+LENIENT = '"x-guidance": {"lenient": true}'
 DESCRIBE = ("query", "system", "both", "none")  # where a schema's field descriptions go in the prompt
 DEFAULT_DESCRIBE = "query"  # measured best on the bundled model (README, benchmarks/results/structured.md)
 
@@ -238,7 +240,12 @@ def make(kind: str, spec: Any) -> Constraint:
         raise UrialError(f"invalid {declared.label}: {e}") from None
     error, messages = _library().LLMatcher.validate_grammar_with_warnings(grammar)
     if error:
-        raise UrialError(f"invalid {declared.label}: {_first_problem(messages[0])}")
+        problem = _first_problem(messages[0])
+        if declared.json and problem.startswith(UNENFORCED):
+            problem += f" ({LENIENT} in the schema accepts it without enforcing it)"
+        raise UrialError(f"invalid {declared.label}: {problem}")
+    for message in messages:  # e.g. what a lenient schema asks for but the grammar cannot enforce
+        warn(f"{declared.label}: {_first_problem(message)}, not enforced")
     return Constraint(kind, spec, grammar)
 
 
@@ -409,6 +416,8 @@ def _build_vocabulary(tokenizer, n_vocab: int):
 
 
 def _load_table(path: Path) -> Optional[Tuple[List[bytes], List[int]]]:
+    import numpy as np  # (not at import: the command line loads this module for its options)
+
     try:
         with np.load(path) as z:  # a zip whose members carry CRC-32s, checked as they are read
             blob, ends, special = z["blob"].tobytes(), z["ends"].tolist(), z["special"].tolist()
@@ -420,6 +429,8 @@ def _load_table(path: Path) -> Optional[Tuple[List[bytes], List[int]]]:
 
 def _save_table(path: Path, table: Tuple[List[bytes], List[int]]) -> None:
     """Keep the table in the store; a store that cannot be written only costs time."""
+    import numpy as np
+
     tokens, special = table
     try:
         with atomic_file(path) as tmp:
@@ -478,8 +489,8 @@ class Guide:
 _executor = None
 
 
-def fill_masks(guides: Sequence[Guide], out: np.ndarray) -> None:
-    """Each guide's mask of allowed tokens into a row of ``out`` (int32, one bit per token), on llguidance's
+def fill_masks(guides: Sequence[Guide], out) -> None:
+    """Each guide's mask of allowed tokens into a row of ``out`` (numpy int32, one bit per token), on llguidance's
     thread pool when there are several (it releases the GIL while the forward pass runs)."""
     global _executor
     llg = _library()

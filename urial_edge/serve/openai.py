@@ -1,7 +1,8 @@
 """The OpenAI endpoints: ``/v1/chat/completions``, ``/v1/completions``, ``/v1/models``.
 
 Chat messages become the URIAL multi-turn frame (``runtime/messages.py``); a
-completion is a raw continuation. Both hand the request to the assistant's
+completion is a raw continuation. Both take ``response_format`` (structured
+output: :func:`response_constraint`). Both hand the request to the assistant's
 public API (``Assistant.stream``/``complete``) and answer with one JSON object
 or with server-sent events; every answer also carries the options used and its
 stats (``ttft``, ``queue_seconds``, tokens/s, cached tokens).
@@ -13,6 +14,8 @@ import uuid
 from dataclasses import asdict
 from typing import List, Optional, Tuple
 
+from ..errors import UrialError
+from ..runtime.constraints import from_response_format
 from ..runtime.messages import MessageError, conversation
 from ..runtime.options import GenerationOptions, OptionError
 from .http import BadRequest, Handler
@@ -47,11 +50,22 @@ def parse_options(body: dict, defaults: GenerationOptions) -> GenerationOptions:
     return options
 
 
+def response_constraint(body: dict):
+    """What ``response_format`` asks the answer to be (None: free text): OpenAI's ``{"type": "json_object"}``
+    and ``{"type": "json_schema", "json_schema": {"schema": ...}}``, or ``regex``, ``choice`` and ``grammar``
+    (see runtime/constraints.py). A bad one is a 400 naming ``response_format``, before any generation."""
+    try:
+        return from_response_format(body.get("response_format"))
+    except UrialError as e:
+        raise BadRequest(f"'response_format': {e}", param="response_format") from None
+
+
 def chat_completions(handler: Handler, body: dict) -> None:
     assistant = handler.server.assistant
     system, history, query = parse_messages(body.get("messages"))
     options = parse_options(body, assistant.options)
-    stream = assistant.stream(query, history=history, system=system, remember=True, **asdict(options))
+    stream = assistant.stream(query, history=history, system=system, remember=True,
+                              constraint=response_constraint(body), **asdict(options))
     respond(handler, body, CHAT, stream)
 
 
@@ -61,7 +75,7 @@ def completions(handler: Handler, body: dict) -> None:
     if not isinstance(text, str) or not text:
         raise BadRequest("'prompt' must be a non-empty string", param="prompt")
     options = parse_options(body, assistant.options.replace(stop=()))
-    respond(handler, body, TEXT, assistant.complete(text, **asdict(options)))
+    respond(handler, body, TEXT, assistant.complete(text, constraint=response_constraint(body), **asdict(options)))
 
 
 def models(handler: Handler, body: Optional[dict] = None) -> None:
