@@ -122,6 +122,11 @@ def test_an_answer_cut_at_max_tokens_is_never_presented_as_valid(bot):
     answer = bot.ask("Go.", schema=PERSON, max_tokens=5)
     assert answer.finish_reason == "length" and answer.value is None
     assert answer.as_dict()["value"] is None and answer.tokens == 5
+    for fast_forward in (True, False):  # what is left once the grammar has nothing to choose does not count
+        bot.engine.fast_forward = fast_forward
+        complete = bot.ask("Go.", choice=["left", "right"], max_tokens=1)
+        assert complete.finish_reason == "stop" and complete.value in ("left", "right") and complete.tokens > 1
+    bot.engine.fast_forward = True
     stream = bot.stream("Go.", regex=r"[a-z]{30}")
     pieces = iter(stream)
     next(pieces)

@@ -160,11 +160,11 @@ def _check_grammar(text: Any) -> str:
         syntax = "auto"
     if not validate.text(text, "a grammar").strip():
         raise UrialError("the grammar is empty")
-    from llguidance.gbnf_to_lark import GbnfToLarkError, any_to_lark, gbnf_to_lark
+    from llguidance.gbnf_to_lark import any_to_lark, gbnf_to_lark
 
     try:
         return gbnf_to_lark(text) if syntax == "gbnf" else any_to_lark(text)
-    except GbnfToLarkError as e:
+    except Exception as e:  # the converter raises GbnfToLarkError, and bare Exceptions for some rules
         raise UrialError(f"GBNF: {one_line(e)}") from None
 
 
@@ -467,12 +467,27 @@ class Guide:
         self.seconds += time.perf_counter() - started
 
     def forced(self) -> List[int]:
-        """The tokens the grammar forces from here (consumed already); they need no sampling."""
+        """The tokens the grammar forces from here on, for as long as it does (consumed already): they need no
+        draw. llguidance's forced tokens are the very tokens its masks would allow one at a time."""
         started = time.perf_counter()
-        tokens = [] if self.error else self.matcher.compute_ff_tokens()
-        if tokens and not self.matcher.consume_tokens(tokens):
-            self._note_error()
+        tokens: List[int] = []
+        while self.error is None and not self.matcher.is_stopped():
+            more = self.matcher.compute_ff_tokens()
+            if not more:
+                break
+            if not self.matcher.consume_tokens(more):
+                self._note_error()
+            tokens += more
         self.seconds += time.perf_counter() - started
+        return tokens
+
+    def completion(self) -> List[int]:
+        """The forced tokens if they complete the output (consumed), else none (nothing consumed): token-by-token
+        decoding ends an answer where fast-forward does, once all that is left is forced (the closing fence)."""
+        tokens = self.forced()
+        if tokens and not self.complete and self.error is None:
+            self.matcher.rollback(len(tokens))
+            return []
         return tokens
 
     @property

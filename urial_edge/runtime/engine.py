@@ -172,25 +172,27 @@ class Generation:
     def _next(self, token: int, drawn: bool, now: float, fast_forward: bool) -> Optional[str]:
         """In a step with constrained rows: take this row's last token (``drawn`` at the last step and not
         handed out yet, or a prompt's last token, or handed out already) and queue what the row feeds now: that
-        token and, with ``fast_forward``, the tokens its constraint forces after it, handed out at once.
-        Returns why the answer ends, if it does (a complete or failed constraint beats the token limit)."""
+        token and the tokens its constraint forces after it (with ``fast_forward``; without, only forced tokens
+        that complete the answer), handed out at once. Returns why the answer ends, if it does.
+
+        Forced tokens that complete the answer (its last bytes and the frame's closing fence) are handed out
+        past the token limit: an answer whose grammar has nothing left to choose is complete, and valid.
+        """
         self.queue = [token]
         reason = self._token(token, now) if drawn else None
         if self.guide is None or reason == "stop":  # (a constrained answer stops on EOS only where it may end)
             return reason
         if drawn:
             self.guide.consume(token)
-        verdict = self._verdict()
-        if verdict is not None or reason is not None or not fast_forward:
-            return verdict or reason
-        forced = self.guide.forced()
+        forced = self.guide.forced() if fast_forward else self.guide.completion()
         if self.sampler is not None:
             self.sampler.skip(len(forced))
-        for n, t in enumerate(forced, 1):
+        complete = self.guide.complete
+        for t in forced:
+            if reason is not None and not complete:  # the limit comes first
+                break
             self.queue.append(t)
-            reason = self._token(t, now, forced=True)
-            if reason is not None and n < len(forced):
-                return reason
+            reason = self._token(t, now, forced=True) or reason
         return self._verdict() or reason
 
     def _verdict(self) -> Optional[str]:
