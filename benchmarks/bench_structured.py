@@ -20,14 +20,13 @@ Writes results/structured.{json,md,png}.
 from urial_edge.model.backend import prepare
 
 prepare()  # first: the optimised BLAS and light mlx_lm imports, before MLX loads
-import argparse
 import json
 import time
 from dataclasses import replace
 from pathlib import Path
 
 import jsonschema
-from common import RESULTS, fmt, in_turns, write_results
+from common import RESULTS, fmt, in_turns, model_arguments, write_results
 
 from urial_edge.runtime.assistant import Assistant
 from urial_edge.runtime.constraints import DEFAULT_DESCRIBE, DESCRIBE, make, with_description
@@ -165,11 +164,7 @@ def mixed(bot, tasks: list, lengths: list, max_tokens: int, repeats: int) -> dic
 
 
 def main():
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--model", default=None)
-    parser.add_argument("--prompt", default=None)
-    parser.add_argument("--max-tokens", type=int, default=256)
-    parser.add_argument("--repeats", type=int, default=2)
+    parser = model_arguments(max_tokens=256, repeats=2)
     parser.add_argument("--cost-tasks", type=int, default=BATCH)
     parser.add_argument("--tasks", type=int, default=None, help="only the first N tasks (a quick check)")
     args = parser.parse_args()

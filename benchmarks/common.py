@@ -1,5 +1,6 @@
 """Helpers shared by the benchmark scripts: machine description and result files."""
 
+import argparse
 import json
 import os
 import platform
@@ -70,3 +71,13 @@ def in_turns(runs: dict, repeats: int, key) -> dict:
             if name not in best or key(result) < key(best[name]):
                 best[name] = result
     return best
+
+
+def model_arguments(max_tokens: int, repeats: int) -> argparse.ArgumentParser:
+    """A parser with the options most benchmarks share: --model, --prompt, --max-tokens, --repeats."""
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--model", default=None)
+    parser.add_argument("--prompt", default=None)
+    parser.add_argument("--max-tokens", type=int, default=max_tokens)
+    parser.add_argument("--repeats", type=int, default=repeats)
+    return parser

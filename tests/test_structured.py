@@ -247,6 +247,8 @@ def test_response_formats_map_to_constraints():
     for made in (c, constraints.make("regex", "[a-c]+"), constraints.make("choice", ["a", "b"]),
                  constraints.make("grammar", GBNF)):
         assert constraints.from_response_format(made.response_format()) == made  # what `ask` sends a server
+        plain = json.loads(json.dumps(made.arguments()))  # what the ranks of a split model get
+        assert constraints.pop_constraint(plain) == made and plain == {}
     for bad, match in [({"type": "xml"}, "unknown type 'xml'"), ("json", "must be an object with a 'type'"),
                        ({"type": "json_schema", "json_schema": {"name": "x"}}, "must be an object with a 'schema'"),
                        ({"type": "regex", "regex": "(("}, "invalid regex")]:

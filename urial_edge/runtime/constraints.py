@@ -211,6 +211,10 @@ class Constraint:
         """What a complete answer means: the parsed JSON for a schema, the text itself otherwise."""
         return json.loads(text) if KINDS[self.kind].json else text
 
+    def arguments(self) -> dict:
+        """The keyword argument that makes this constraint again (plain JSON: what ranks of a split model get)."""
+        return {self.kind: list(self.spec) if isinstance(self.spec, tuple) else self.spec}
+
     def response_format(self) -> dict:
         """This constraint as a server request's ``response_format`` (what ``ask`` sends to a server)."""
         kind = KINDS[self.kind]

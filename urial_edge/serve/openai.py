@@ -50,22 +50,24 @@ def parse_options(body: dict, defaults: GenerationOptions) -> GenerationOptions:
     return options
 
 
-def response_constraint(body: dict):
-    """What ``response_format`` asks the answer to be (None: free text): OpenAI's ``{"type": "json_object"}``
-    and ``{"type": "json_schema", "json_schema": {"schema": ...}}``, or ``regex``, ``choice`` and ``grammar``
-    (see runtime/constraints.py). A bad one is a 400 naming ``response_format``, before any generation."""
+def response_constraint(body: dict) -> dict:
+    """What ``response_format`` asks the answer to be, as keyword arguments of ``Assistant.stream``/``complete``
+    (none: free text): OpenAI's ``{"type": "json_object"}`` and ``{"type": "json_schema", "json_schema":
+    {"schema": ...}}``, or ``regex``, ``choice`` and ``grammar`` (runtime/constraints.py). A bad one is a 400
+    naming ``response_format``, before any generation. Plain JSON, as the ranks of a split model receive it."""
     try:
-        return from_response_format(body.get("response_format"))
+        constraint = from_response_format(body.get("response_format"))
     except UrialError as e:
         raise BadRequest(f"'response_format': {e}", param="response_format") from None
+    return constraint.arguments() if constraint is not None else {}
 
 
 def chat_completions(handler: Handler, body: dict) -> None:
     assistant = handler.server.assistant
     system, history, query = parse_messages(body.get("messages"))
     options = parse_options(body, assistant.options)
-    stream = assistant.stream(query, history=history, system=system, remember=True,
-                              constraint=response_constraint(body), **asdict(options))
+    stream = assistant.stream(query, history=history, system=system, remember=True, **response_constraint(body),
+                              **asdict(options))
     respond(handler, body, CHAT, stream)
 
 
@@ -75,7 +77,7 @@ def completions(handler: Handler, body: dict) -> None:
     if not isinstance(text, str) or not text:
         raise BadRequest("'prompt' must be a non-empty string", param="prompt")
     options = parse_options(body, assistant.options.replace(stop=()))
-    respond(handler, body, TEXT, assistant.complete(text, constraint=response_constraint(body), **asdict(options)))
+    respond(handler, body, TEXT, assistant.complete(text, **response_constraint(body), **asdict(options)))
 
 
 def models(handler: Handler, body: Optional[dict] = None) -> None:
