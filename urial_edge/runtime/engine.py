@@ -497,9 +497,10 @@ class Engine:
         while the forward pass runs. Each row feeds its ``queue`` (see ``Generation._next``): its last token
         and, with fast-forward, the tokens its grammar forces after it. Every row feeds as many tokens as all
         of them have queued, so no row is padded: a whole forced run at batch size 1; in a batch, forced tokens
-        go one per step unless every row has some, and still skip the mask and the draw. All but the last go
-        in a pass whose logits are never computed (MLX is lazy), the last in the decode pass; a row whose queue
-        goes on past this step does not draw.
+        go one per step unless every row has some, and still skip the mask and the draw. (Padding one row's run
+        would slow every row: on this CPU a batch of 7 took 783 ms for a step with one row fed 4 tokens, against
+        376 ms for a plain step.) All but the last go in a pass whose logits are never computed (MLX is lazy),
+        the last in the decode pass; a row whose queue goes on past this step does not draw.
         """
         fed = self.inputs.tolist()
         now = time.perf_counter()
