@@ -87,8 +87,8 @@ class Kind:
     """One kind of constraint, declared once.
 
     ``name`` is the keyword of ``Assistant.ask``/``stream``/``request`` and ``flag`` the command-line
-    option; ``response_type`` is its ``response_format`` type on the server (``field`` the key holding the
-    spec there). ``read`` turns the option's text into a spec, ``check`` any spec into its normal form and
+    option; ``response_type`` is its ``response_format`` type on the server, and the key holding the spec
+    there. ``read`` turns the option's text into a spec, ``check`` any spec into its normal form and
     ``compile`` that into an llguidance grammar; ``json`` kinds' answers are parsed.
     """
 
@@ -97,11 +97,9 @@ class Kind:
     metavar: str
     help: str
     response_type: str
-    field: str
     read: Callable[[str], Any]
     check: Callable[[Any], Any]
     compile: Callable[[Any], str]
-    label: str
     json: bool = False
     multiple: bool = False
 
@@ -174,16 +172,15 @@ def _read_grammar(path: str) -> Tuple[str, str]:
 
 KINDS: Dict[str, Kind] = {k.name: k for k in (
     Kind("schema", "--schema", "FILE|JSON", "Answer with JSON valid under this JSON Schema (a file or the JSON "
-         "itself; '{\"type\": \"object\"}' is any JSON object).", "json_schema", "json_schema", _read_schema,
-         _check_schema, _compile_schema, "schema", json=True),
-    Kind("regex", "--regex", "REGEX", "Answer with text the regular expression matches in full.", "regex", "regex",
-         str, _check_regex, lambda p: _library().grammar_from("regex", p), "regex"),
+         "itself; '{\"type\": \"object\"}' is any JSON object).", "json_schema", _read_schema, _check_schema,
+         _compile_schema, json=True),
+    Kind("regex", "--regex", "REGEX", "Answer with text the regular expression matches in full.", "regex", str,
+         _check_regex, lambda p: _library().grammar_from("regex", p)),
     Kind("choice", "--choice", "TEXT", "Answer with one of these strings (repeat the option for each).", "choice",
-         "choice", str, _check_choice, lambda c: _library().grammar_from("choice", list(c)), "choice",
-         multiple=True),
+         str, _check_choice, lambda c: _library().grammar_from("choice", list(c)), multiple=True),
     Kind("grammar", "--grammar", "FILE", "Answer in this grammar: Lark (llguidance's syntax) or GBNF (llama.cpp; "
-         "detected, or by a .gbnf extension).", "grammar", "grammar", _read_grammar, _check_grammar,
-         lambda text: _library().grammar_from("lark", text), "grammar"),
+         "detected, or by a .gbnf extension).", "grammar", _read_grammar, _check_grammar,
+         lambda text: _library().grammar_from("lark", text)),
 )}
 
 
@@ -218,13 +215,12 @@ class Constraint:
     def response_format(self) -> dict:
         """This constraint as a server request's ``response_format`` (what ``ask`` sends to a server)."""
         kind = KINDS[self.kind]
-        spec = {"name": "answer", "schema": self.spec} if kind.json else \
-            list(self.spec) if kind.multiple else self.spec
-        return {"type": kind.response_type, kind.field: spec}
+        spec = {"name": "answer", "schema": self.spec} if kind.json else self.arguments()[self.kind]
+        return {"type": kind.response_type, kind.response_type: spec}
 
     def description(self) -> str:
         """The fields a schema asks for, with their descriptions, as text for the model ("" if none)."""
-        if self.kind != "schema" or not isinstance(self.spec.get("properties"), dict):
+        if not KINDS[self.kind].json or not isinstance(self.spec.get("properties"), dict):
             return ""
         return "Answer with a JSON object with these fields:\n" + "\n".join(_fields(self.spec, self.spec, 0))
 
@@ -239,17 +235,17 @@ def make(kind: str, spec: Any) -> Constraint:
         spec = declared.check(spec)
         grammar = declared.compile(spec)
     except (ValueError, TypeError) as e:  # the library's own checks of its arguments
-        raise UrialError(f"invalid {declared.label}: {one_line(e)}") from None
+        raise UrialError(f"invalid {declared.name}: {one_line(e)}") from None
     except UrialError as e:
-        raise UrialError(f"invalid {declared.label}: {e}") from None
+        raise UrialError(f"invalid {declared.name}: {e}") from None
     error, messages = _library().LLMatcher.validate_grammar_with_warnings(grammar)
     if error:
         problem = _first_problem(messages[0])
         if declared.json and problem.startswith(UNENFORCED):
             problem += f" ({LENIENT} in the schema accepts it without enforcing it)"
-        raise UrialError(f"invalid {declared.label}: {problem}")
+        raise UrialError(f"invalid {declared.name}: {problem}")
     for message in messages:  # e.g. what a lenient schema asks for but the grammar cannot enforce
-        warn(f"{declared.label}: {_first_problem(message)}, not enforced")
+        warn(f"{declared.name}: {_first_problem(message)}, not enforced")
     return Constraint(kind, spec, grammar)
 
 
@@ -291,10 +287,10 @@ def from_response_format(value: Any) -> Optional[Constraint]:
     if declared is None:
         types = ", ".join(["text", "json_object"] + [k.response_type for k in KINDS.values()])
         raise UrialError(f"unknown type {kind!r}; types: {types}")
-    spec = value.get(declared.field)
+    spec = value.get(declared.response_type)
     if declared.json:  # OpenAI's {"name": ..., "schema": {...}, "strict": ...}
         if not isinstance(spec, dict) or "schema" not in spec:
-            raise UrialError(f"'{declared.field}' must be an object with a 'schema'")
+            raise UrialError(f"'{declared.response_type}' must be an object with a 'schema'")
         spec = spec["schema"]
     return make(declared.name, spec)
 
@@ -501,7 +497,7 @@ class Guide:
 
     def _note_error(self) -> None:
         if self.error is None and self.matcher.is_error():
-            self.error = f"the {KINDS[self.constraint.kind].label} constraint failed: " \
+            self.error = f"the {self.constraint.kind} constraint failed: " \
                          f"{_first_problem(self.matcher.get_error().split('<state>')[0])}"
 
 
