@@ -35,12 +35,13 @@ MLX on the CPU, Gemma 3's 262k-token vocabulary; /tmp/work/constraints/REPORT.md
 - packaging: one 3 MB MIT wheel (abi3, Linux x86_64/aarch64, macOS arm64) with no dependencies; xgrammar needs
   torch, transformers and triton (3 s to import). llama.cpp, vLLM, SGLang and OpenAI use llguidance too.
 
-Its cost is the tokenizer object: about 3.5-9 s to build for Gemma's vocabulary from tokenizer.json (the
-library's own path, which ``llguidance.hf`` takes after transformers has loaded, itself seconds more). It
-cannot be pickled, so we build it once per process, when a constraint is first used, and keep in the store
-the one thing that can be kept: the token table that build derives (``tokenizers/<key>.llguidance-*.npz``,
-2.8 MB); later processes build from that table instead (1.1-2.9 s, measured under load). The library is
-imported only then, so ``--help`` and unconstrained answers never load it.
+Its cost is the tokenizer object. Built from tokenizer.json (the library's own path, which ``llguidance.hf``
+takes after transformers has loaded, itself seconds more) it takes 3-4 s for Gemma's vocabulary on an idle
+machine. It cannot be pickled, so it is built once per process, when a constraint is first used, and the one
+thing that can be kept is kept in the store: the token table that build derives
+(``tokenizers/<key>.llguidance-*.npz``, 2.8 MB). Later processes build from that table: 1.2 s of CPU against
+4.3 s the first time (measured here, wall time being meaningless on this shared machine: 6.5 s and 25 s).
+The library is imported only then, so ``--help`` and unconstrained answers never load it.
 """
 
 import functools
