@@ -290,6 +290,7 @@ def test_serve_on_two_ranks_answers_as_one_process(home, llama6, prompt_file):
     bot = Assistant.load(str(llama6), str(prompt_file), max_tokens=MAX_TOKENS)
     expected_chat = bot.ask(QUERIES[0]).text
     expected_completion = bot.complete("Once upon a time").finish().text
+    expected_choice = bot.ask(QUERIES[0], regex="[a-z]{2,6}").text  # a constraint reaches both ranks
     server = subprocess.Popen(launch_command(2, *cli("serve", "-m", str(llama6), "-p", str(prompt_file), "--port",
                                                      "0")),
                               env=launch_env(home), cwd=REPO, stdin=subprocess.DEVNULL, stderr=subprocess.PIPE,
@@ -312,6 +313,8 @@ def test_serve_on_two_ranks_answers_as_one_process(home, llama6, prompt_file):
         completion = post(f"{url}/completions", {"prompt": "Once upon a time", "max_tokens": MAX_TOKENS})
         assert completion["choices"][0]["text"] == expected_completion
         assert post(f"{url}/chat/completions", chat)["choices"][0]["message"]["content"] == expected_chat
+        constrained = {**chat, "response_format": {"type": "regex", "regex": "[a-z]{2,6}"}}
+        assert post(f"{url}/chat/completions", constrained)["choices"][0]["message"]["content"] == expected_choice
 
         record = json.loads(next((home / "servers").glob("*.json")).read_text())
         os.kill(record["pid"], signal.SIGTERM)  # rank 0 stops and tells rank 1

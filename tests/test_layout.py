@@ -109,7 +109,8 @@ import urial_edge
 from urial_edge.cli import main  # the entry point's module: --help and --version must stay light
 maps = open("/proc/self/maps").read() if os.path.exists("/proc/self/maps") else ""
 print(json.dumps({"env_changed": sorted(set(os.environ.items()) ^ set(env.items())),
-                  "mlx_loaded": sorted(m for m in sys.modules if m.split(".")[0] in ("mlx", "mlx_lm", "transformers")),
+                  "mlx_loaded": sorted(m for m in sys.modules
+                                       if m.split(".")[0] in ("mlx", "mlx_lm", "transformers", "llguidance")),
                   "blas_loaded": "libmkl" in maps or "libopenblas" in maps,
                   "server_loaded": sorted(m for m in sys.modules if m in ("urial_edge.serve.run", "urial_edge.serve.static"))}))
 """
@@ -123,6 +124,7 @@ def test_importing_the_package_changes_nothing_in_the_process():
 
 @pytest.mark.parametrize("module", ["urial_edge.plugins.llm", "urial_edge.serve.discovery", "urial_edge.cli.answer"])
 def test_faces_import_without_mlx(module):
-    """llm lists our models, and ask finds a server, without MLX (or its BLAS) loaded."""
-    code = f"import sys, {module}; print(sorted(m for m in sys.modules if m.split('.')[0] in ('mlx', 'mlx_lm')))"
+    """llm lists our models, and ask finds a server, without MLX (or its BLAS) or the constraint library loaded."""
+    code = (f"import sys, {module}; "
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('mlx', 'mlx_lm', 'llguidance')))")
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() == "[]"

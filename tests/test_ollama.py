@@ -126,3 +126,37 @@ def test_logprobs_as_ollama_gives_them(server):
     parts = list(client(server).chat(model=server["name"], messages=MESSAGES, options={"num_predict": 6},
                                      logprobs=True, stream=True))
     assert [t.logprob for p in parts for t in (p.logprobs or [])] == [t.logprob for t in out.logprobs]
+
+
+SMALL = {"type": "object", "properties": {"n": {"type": "integer", "minimum": 0, "maximum": 99},
+                                          "unit": {"enum": ["cm", "kg"]}},
+         "required": ["n", "unit"], "additionalProperties": False}
+
+
+def test_format_constrains_chat_and_generate_to_the_schema(server):
+    import json
+
+    from jsonschema import validate
+
+    out = client(server).chat(model=server["name"], messages=MESSAGES, format=SMALL, options={"num_predict": 60})
+    assert out.done_reason == "stop"
+    validate(json.loads(out.message.content), SMALL)
+    parts = list(client(server).chat(model=server["name"], messages=MESSAGES, format=SMALL, stream=True,
+                                     options={"num_predict": 60}))
+    assert "".join(p.message.content for p in parts) == out.message.content
+    generated = client(server).generate(model=server["name"], prompt="Size?", format=SMALL, options={"num_predict": 60})
+    validate(json.loads(generated.response), SMALL)
+    anything = client(server).generate(model=server["name"], prompt="Data?", format="json",
+                                       options={"num_predict": 200})
+    assert anything.done_reason == "length" or isinstance(json.loads(anything.response), dict)
+
+
+def test_a_bad_format_is_a_400_naming_it(server):
+    import json
+
+    with pytest.raises(ollama.ResponseError) as e:
+        client(server).chat(model=server["name"], messages=MESSAGES, format={"type": "strin"})
+    assert e.value.status_code == 400 and "'format'" in e.value.error and "Invalid type: strin" in e.value.error
+    body = json.dumps({"model": server["name"], "messages": MESSAGES, "format": "yaml"})  # the client refuses it
+    code, data = raw(server, "POST", "/api/chat", body, {"Content-Type": "application/json"})
+    assert code == 400 and data == {"error": "'format' must be \"json\" or a JSON schema object"}

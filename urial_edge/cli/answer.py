@@ -21,7 +21,8 @@ from ..model.store import resolve_model
 from ..runtime.prompt import load_prompt, render_prefix
 from ..serve.discovery import find_server
 from .group import EXIT_BATCH_INVALID
-from .options import generation_options, load_assistant, load_options, read_stdin, split_generation, text_argument
+from .options import (constraint_options, generation_options, load_assistant, load_options, read_stdin,
+                      split_constraint, split_generation, text_argument)
 from .serve import open_chat_page, serve
 
 # --no-daemon is the 0.1 spelling, still accepted
@@ -33,12 +34,15 @@ no_server_option = click.option("--no-server", "--no-daemon", "no_server", is_fl
 @click.argument("query", required=False)
 @load_options
 @generation_options
-@click.option("--json", "as_json", is_flag=True, help="Print one JSON object with text, stats and options.")
+@constraint_options
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object with text, stats and options (and "
+              "with a constraint, the answer's parsed value).")
 @click.option("--verbose", "-v", is_flag=True, help="Print stats to stderr.")
 @no_server_option
 def ask(query, as_json, verbose, no_server, **kwargs):
     """Answer QUERY (or standard input when QUERY is '-' or input is piped)."""
     query = text_argument(query, "QUERY")
+    constraint = split_constraint(kwargs)
     if query is None or query == "-":
         if query is None and sys.stdin.isatty():
             raise UrialError("no query: pass it as an argument, or pipe it on standard input")
@@ -48,9 +52,10 @@ def ask(query, as_json, verbose, no_server, **kwargs):
     options = split_generation(kwargs)
     stream = None
     if not (no_server or kwargs["no_cache"]):
-        stream = server_stream(kwargs, [{"role": "user", "content": query}], options)
+        stream = server_stream(kwargs, [{"role": "user", "content": query}], options, constraint)
     if stream is None:
-        stream = load_assistant(**kwargs, options=options).stream(query, no_cache=kwargs["no_cache"])
+        stream = load_assistant(**kwargs, options=options).stream(query, no_cache=kwargs["no_cache"],
+                                                                  constraint=constraint)
     show(stream, as_json, verbose)
 
 
@@ -81,7 +86,7 @@ def running_server_for(kwargs: dict):
     return info
 
 
-def server_stream(kwargs: dict, messages: list, options):
+def server_stream(kwargs: dict, messages: list, options, constraint=None):
     """A stream of the answer from a running server; None if there is none or it cannot take the request."""
     info = running_server_for(kwargs)
     if info is None:
@@ -89,7 +94,7 @@ def server_stream(kwargs: dict, messages: list, options):
     from ..serve.client import ServerBusy, remote_stream  # imports MLX (the Answer type)
 
     try:
-        return remote_stream(info, messages, options)
+        return remote_stream(info, messages, options, constraint=constraint)
     except (OSError, ServerBusy) as e:
         warn(f"the server at {info['host']}:{info['port']} cannot answer ({e}); answering here")
         return None
@@ -106,6 +111,7 @@ def format_stats(stats: dict, finish_reason: str) -> str:
 @click.command()
 @load_options
 @generation_options
+@constraint_options
 @click.option("--session", "-s", default=None, help="Persist the conversation and its KV state under this name.")
 @click.option("--verbose", "-v", is_flag=True, help="Print stats after each answer.")
 @no_server_option
@@ -113,6 +119,7 @@ def format_stats(stats: dict, finish_reason: str) -> str:
               "or of a new one (as `serve --open`).")
 def chat(session, verbose, no_server, web, **kwargs):
     """Interactive multi-turn chat. Commands: /reset, /save [NAME], /exit."""
+    constraint = split_constraint(kwargs)  # every answer of the chat follows it
     if web:
         return chat_page(kwargs)
     from ..runtime.sessions import check_name  # imports MLX, as loading the model will
@@ -134,7 +141,7 @@ def chat(session, verbose, no_server, web, **kwargs):
     if conversation.turns:
         click.echo(f"(resumed session {session!r}: {len(conversation.turns)} turns)", err=True)
     click.echo("Type a message; /reset, /save [NAME], /exit. Ctrl-C stops an answer.", err=True)
-    repl(conversation, session, verbose)
+    repl(conversation, session, verbose, constraint)
 
 
 def chat_page(kwargs: dict) -> None:
@@ -147,7 +154,7 @@ def chat_page(kwargs: dict) -> None:
                                        kv_bits=kwargs["kv_bits"], open_page=True)
 
 
-def repl(conversation, session: Optional[str], verbose: bool) -> None:
+def repl(conversation, session: Optional[str], verbose: bool, constraint=None) -> None:
     while True:
         try:
             click.echo(">>> ", nl=False, err=True)
@@ -165,7 +172,7 @@ def repl(conversation, session: Optional[str], verbose: bool) -> None:
                 if chat_command(conversation, message):
                     break
                 continue
-            stream = conversation.stream(message)
+            stream = conversation.stream(message, constraint=constraint)
             try:
                 for piece in stream:
                     click.echo(piece, nl=False)
@@ -198,7 +205,8 @@ def chat_command(conversation, message: str) -> bool:
 
 
 def read_batch(path: Path):
-    """Yield ``(line number, id, query, problem)`` for each non-blank line of a JSONL file."""
+    """Yield ``(line number, id, query, schema, problem)`` for each non-blank line of a JSONL file (``schema``:
+    the line's own, or None)."""
     try:
         handle = open(path, "rb")
     except OSError as e:
@@ -210,18 +218,18 @@ def read_batch(path: Path):
             try:
                 item = json.loads(raw.decode("utf-8"))
             except (UnicodeDecodeError, ValueError) as e:
-                yield number, None, None, f"not valid JSON ({type(e).__name__})"
+                yield number, None, None, None, f"not valid JSON ({type(e).__name__})"
                 continue
             if not isinstance(item, dict):
-                yield number, None, None, "not a JSON object"
+                yield number, None, None, None, "not a JSON object"
                 continue
             query, item_id = item.get("query"), item.get("id", number)
             if not isinstance(query, str) or not query.strip():
-                yield number, item_id, None, "missing or empty 'query'"
+                yield number, item_id, None, None, "missing or empty 'query'"
             elif not isinstance(item_id, (str, int)) or isinstance(item_id, bool):
-                yield number, None, None, "'id' must be a string or an integer"
+                yield number, None, None, None, "'id' must be a string or an integer"
             else:
-                yield number, item_id, query, None
+                yield number, item_id, query, item.get("schema"), None
 
 
 @click.command()
@@ -231,14 +239,19 @@ def read_batch(path: Path):
               help="Answers decoded together.")
 @load_options
 @generation_options
+@constraint_options
 def batch(infile, out, batch_size, **kwargs):
-    """Answer every {"id", "query"} line of INFILE into OUTPUT (resumable, in input order)."""
+    """Answer every {"id", "query"} line of INFILE into OUTPUT (resumable, in input order).
+
+    A line's own "schema" (a JSON Schema) constrains its answer instead of the command line's constraint.
+    """
+    constraint = split_constraint(kwargs)
     # under mlx.launch rank 0 alone reads (and writes) the files and hands the lines to every rank
     items, finished = distributed.leader_input(lambda: (list(read_batch(infile)), list(read_results(out))))
     finished = set(finished)
-    invalid = [(n, problem) for n, _, _, problem in items if problem]
+    invalid = [(n, problem) for n, _, _, _, problem in items if problem]
     todo, seen = [], set(finished)
-    for n, item_id, query, problem in items:
+    for n, item_id, query, schema, problem in items:
         if problem:
             continue
         if item_id in seen:
@@ -246,14 +259,16 @@ def batch(infile, out, batch_size, **kwargs):
                 invalid.append((n, f"duplicate id {item_id!r}"))
             continue
         seen.add(item_id)
-        todo.append((n, item_id, query))
+        todo.append((n, item_id, query, schema))
     requests, ids = [], []
     if todo:
         options = split_generation(kwargs)
         assistant = load_assistant(**kwargs, options=options, batch_size=batch_size)
-        for n, item_id, query in todo:
+        for n, item_id, query, schema in todo:
             try:
-                requests.append(assistant.request(query, no_cache=kwargs["no_cache"]))
+                requests.append(assistant.request(query, no_cache=kwargs["no_cache"],
+                                                  **({"schema": schema} if schema is not None else
+                                                     {"constraint": constraint})))
                 ids.append(item_id)
             except UrialError as e:
                 invalid.append((n, str(e)))

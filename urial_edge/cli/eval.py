@@ -8,12 +8,12 @@ import click
 from ..errors import UrialError
 from ..runtime.options import PRESETS
 from ..runtime.prompt import DEFAULT_PROMPT
-from .options import declared_options, split_generation
+from .options import constraint_options, declared_options, split_constraint, split_generation
 
 
 def eval_options(f):
     """Repeatable -m/-p/--preset (their product makes the configs), the other generation options once."""
-    f = declared_options(f)
+    f = constraint_options(declared_options(f))
     f = click.option("--preset", "presets", multiple=True, type=click.Choice(sorted(PRESETS)),
                      help="A decoding setting to compare (repeatable; default: default). The options "
                      "below apply on top of each.")(f)
@@ -52,7 +52,9 @@ def evaluate(questions, out, batch_size, models, prompts, presets, judge_url, ju
     """Answer QUESTIONS (JSONL; default: our own set) under every model x prompt x preset and compare.
 
     Judge-free metrics are always measured; with --judge-url a judge model scores the answers too.
+    A constraint (--schema, ...) applies to every answer but those of questions with their own "schema".
     """
+    constraint = split_constraint(options)
     from ..eval import judge, questions as question_sets, report, run, shift  # imports MLX: only when evaluating
 
     if judge_url and not judge_model:
@@ -71,7 +73,7 @@ def evaluate(questions, out, batch_size, models, prompts, presets, judge_url, ju
     names = [c.name for c in configs]
     if len(set(names)) < len(names):
         raise click.BadParameter("the same model, prompt or preset is given twice")
-    records = run.run(items, configs, out, batch_size)
+    records = run.run(items, configs, out, batch_size, constraint)
     rows = report.config_rows(items, configs, records)
     if references:
         scores = shift.reference_metrics(configs, reference, references, out, batch_size)

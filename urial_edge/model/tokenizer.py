@@ -73,6 +73,11 @@ class Tokenizer:
         if self._full is None and self._lazy is None:
             self._full = _build_full(_read_bytes(path), path)
 
+    @property
+    def json_path(self) -> Path:
+        """The model's ``tokenizer.json`` (what other tokenizer builders, such as llguidance's, read)."""
+        return self._path
+
     def load_full(self) -> None:
         """Build the whole tokenizer now, for long-lived processes that will see many different texts."""
         if self._full is None:

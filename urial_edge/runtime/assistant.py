@@ -31,6 +31,7 @@ from . import prompt as urial
 from . import sessions
 from .answer import Answer, AnswerStream, generation_stream
 from .chat import ChatSession
+from .constraints import DEFAULT_DESCRIBE, pop_constraint, with_description
 from .engine import Engine, Generation, Request, Stats
 from .options import GenerationOptions, with_changes
 from .sampling import check_logprobs
@@ -70,7 +71,8 @@ class Assistant:
             )
         self.progress = progress
         self.engine = engine or Engine(model, tokenizer, tokenizer.eos_ids, self.context_length,
-                                       max_active=batch_size, max_queued=max_queued)
+                                       max_active=batch_size, max_queued=max_queued,
+                                       vocab_size=config.get("vocab_size"))
         self.states = states or StateCache(state_bytes)
         self._prefix: Optional[PrefixCache] = None
         self.shard: Optional[dict] = None  # this rank's part of a split model (distributed/sharding.py)
@@ -157,27 +159,35 @@ class Assistant:
 
     def request(self, query: str, *, history: Sequence[Tuple[str, str]] = (), system: str = "",
                 no_cache: bool = False, remember: Optional[bool] = None, logprobs: Optional[int] = None,
-                **options) -> Request:
+                describe: str = DEFAULT_DESCRIBE, **options) -> Request:
         """The engine request for a query: tokens, starting state and options (checked, not yet queued).
 
         ``remember`` (default: when there is a history or a system text) keeps the state after the
         prompt in memory, so that a follow-up of this conversation starts from it. ``logprobs``
         (0-20) records each token's log-probability and that many likeliest alternatives
-        (``Answer.logprobs``).
+        (``Answer.logprobs``). ``schema``, ``regex``, ``choice`` or ``grammar`` (or a ``constraint``
+        made by ``constraints.make``) constrain the answer, and ``Answer.value`` holds what it means;
+        ``describe`` puts a schema's field descriptions in the ``"query"``, the ``"system"`` text,
+        ``"both"`` or ``"none"``.
         """
         started = time.perf_counter()
         query = self.check_query(query)
+        constraint = pop_constraint(options)
+        remember = remember if remember is not None else bool(history or system)
+        query, system = with_description(constraint, describe, query, system)
         text = (urial.render_system(system) if system and system.strip() else "") + \
             urial.render_history(history, query)
         rest = self.after_prefix(text)
         self._fit(len(self.prefix_ids), len(rest))
         opts, logprobs = self._options(options), check_logprobs(logprobs)
         if no_cache or not self.use_cache:
-            return Request(self.prefix_ids + rest, None, (), opts, logprobs=logprobs, started=started)
+            return Request(self.prefix_ids + rest, None, (), opts, logprobs=logprobs, constraint=constraint,
+                           started=started)
         prefix = self.prefix
         stats = Stats(cache_hit=prefix.hit, cached_tokens=len(prefix.tokens))
-        if not (remember if remember is not None else history or system):
-            return Request(rest, prefix.fresh(), prefix.tokens, opts, logprobs=logprobs, stats=stats, started=started)
+        if not remember:
+            return Request(rest, prefix.fresh(), prefix.tokens, opts, logprobs=logprobs, constraint=constraint,
+                           stats=stats, started=started)
         # a conversation: start from the longest state stored for it, and store this one's
         ids = list(prefix.tokens) + rest
         n, state = self.states.longest_prefix(ids, at_least=len(prefix.tokens))
@@ -185,8 +195,8 @@ class Assistant:
             n, state = len(prefix.tokens), prefix.fresh()
         stats.cached_tokens = n
         store = (lambda s: self.states.put(ids[:-1], s)) if len(ids) - n > 1 else None
-        return Request(ids[n:], state, ids[:n], opts, on_prefilled=store, logprobs=logprobs, stats=stats,
-                       started=started)
+        return Request(ids[n:], state, ids[:n], opts, on_prefilled=store, logprobs=logprobs, constraint=constraint,
+                       stats=stats, started=started)
 
     def submit(self, request: Request) -> AnswerStream:
         """Queue a request (see :meth:`request`) and return its stream."""
@@ -205,7 +215,12 @@ class Assistant:
 
     def ask(self, query: str, *, history: Sequence[Tuple[str, str]] = (), system: str = "",
             no_cache: bool = False, **options) -> Answer:
-        """Answer ``query`` (greedy by default) and return the text with stats."""
+        """Answer ``query`` (greedy by default) and return the text with stats.
+
+        ``schema=`` (a JSON Schema: a dict, its JSON text or a pydantic model class), ``regex=``,
+        ``choice=`` (a list of strings) or ``grammar=`` (Lark or GBNF text) constrain the answer;
+        ``Answer.value`` is then the parsed JSON (or the text), None if the answer did not complete.
+        """
         return self.stream(query, history=history, system=system, no_cache=no_cache, **options).finish()
 
     def complete(self, text: str, *, logprobs: Optional[int] = None, **options) -> AnswerStream:
@@ -216,9 +231,10 @@ class Assistant:
         self._fit(0, len(ids))
         n, state = self.states.longest_prefix(ids)
         stats = Stats(cache_hit=state is not None, cached_tokens=n)
+        constraint = pop_constraint(options)
         opts = self.options.replace(stop=()).replace(**options)
         return self.submit(Request(ids[n:], state, ids[:n], opts, framed=False, logprobs=check_logprobs(logprobs),
-                                   stats=stats))
+                                   constraint=constraint, stats=stats))
 
     def batch(self, queries: Iterable[str], *, batch_size: Optional[int] = None, no_cache: bool = False,
               **options) -> Iterator[Answer]:

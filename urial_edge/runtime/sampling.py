@@ -3,13 +3,17 @@
 A sampling option is declared in ``options.py`` and acted on here; the engine
 calls :func:`make_sampler` and :func:`make_penalty` once per answer. Answers
 that ask for log-probabilities get them from :func:`sampled_distribution`: the
-distribution the token was drawn from, after the penalty, top-p and temperature.
+distribution the token was drawn from, after the penalty, a constraint's mask
+(:func:`apply_masks`), top-p and temperature.
 """
 
+import functools
+import math
 from dataclasses import dataclass
-from typing import Callable, List, Optional, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import mlx.core as mx
+import numpy as np
 from mlx_lm.sample_utils import apply_top_p, make_repetition_penalty
 
 from ..errors import UrialError
@@ -28,23 +32,32 @@ class TokenLogprob:
     top: List[Tuple[int, float]]
 
 
-def make_sampler(options: GenerationOptions) -> Optional[Callable[[mx.array], mx.array]]:
-    """Sampling for one row of log-probabilities; None for greedy. A seed gives the answer its own key."""
-    if options.temperature == 0:
-        return None
-    key = mx.random.key(options.seed) if options.seed is not None else None
-    inverse_temperature = 1.0 / options.temperature
+class Sampler:
+    """Draws a token from one row of log-probabilities (top-p, temperature); a seed gives the answer its own key."""
 
-    def sample(logprobs: mx.array) -> mx.array:
-        nonlocal key
-        if options.top_p < 1.0:
-            logprobs = apply_top_p(logprobs, options.top_p)
-        if key is None:
-            return mx.random.categorical(logprobs * inverse_temperature)
-        key, subkey = mx.random.split(key)
-        return mx.random.categorical(logprobs * inverse_temperature, key=subkey)
+    def __init__(self, options: GenerationOptions):
+        self.top_p = options.top_p
+        self.inverse_temperature = 1.0 / options.temperature
+        self.key = mx.random.key(options.seed) if options.seed is not None else None
 
-    return sample
+    def __call__(self, logprobs: mx.array) -> mx.array:
+        if self.top_p < 1.0:
+            logprobs = apply_top_p(logprobs, self.top_p)
+        if self.key is None:
+            return mx.random.categorical(logprobs * self.inverse_temperature)
+        self.key, subkey = mx.random.split(self.key)
+        return mx.random.categorical(logprobs * self.inverse_temperature, key=subkey)
+
+    def skip(self, n: int) -> None:
+        """Advance the random stream as ``n`` draws would: tokens a constraint forces are fed without one, and
+        the draws after them stay those of token-by-token decoding (where each had one allowed token)."""
+        for _ in range(n if self.key is not None else 0):
+            self.key, _ = mx.random.split(self.key)
+
+
+def make_sampler(options: GenerationOptions) -> Optional[Sampler]:
+    """Sampling for one row of log-probabilities; None for greedy."""
+    return None if options.temperature == 0 else Sampler(options)
 
 
 def make_penalty(options: GenerationOptions):
@@ -88,5 +101,33 @@ def logprob_arrays(distribution: mx.array, token: mx.array, top: int) -> Tuple[m
 
 
 def token_logprob(token: int, arrays: Tuple[mx.array, ...]) -> TokenLogprob:
+    """The reported log-probabilities; alternatives that could not be drawn (-inf: masked by a constraint or
+    outside the top-p nucleus) are left out."""
     chosen, ids, values = arrays
-    return TokenLogprob(token, chosen.item(), list(zip(ids.tolist(), values.tolist())))
+    return TokenLogprob(token, chosen.item(), [(i, v) for i, v in zip(ids.tolist(), values.tolist()) if v > -math.inf])
+
+
+def forced_logprob(token: int, top: int) -> TokenLogprob:
+    """A token a constraint forced: the only one its step allowed, so drawn with probability 1."""
+    return TokenLogprob(token, 0.0, [(token, 0.0)] if top else [])
+
+
+@functools.lru_cache(maxsize=None)
+def _mask_table() -> mx.array:
+    """Row ``b``: 0 where bit k of byte ``b`` is set, -inf where it is not."""
+    return mx.array(np.array([[0.0 if (b >> k) & 1 else -np.inf for k in range(8)] for b in range(256)], np.float32))
+
+
+def apply_masks(logits: mx.array, rows: Sequence[int], words: np.ndarray) -> mx.array:
+    """Set the tokens a constraint does not allow to -inf in ``rows`` of ``logits``; other rows are untouched.
+
+    ``words`` holds one bitmask per row (int32, bit j of word i is token 32 i + j, llguidance's layout). Its
+    bytes index a 256 x 8 table of {0, -inf} that is added to the rows. llguidance.mlx's kernel does this on
+    Metal only (MLX's CPU backend has no custom kernels) and for a whole batch; on this machine the table
+    costs 0.2-0.5 ms per masked row, against 0.5-0.9 ms for shifting bits with mx.where.
+    """
+    vocab = logits.shape[-1]
+    add = _mask_table()[mx.array(words).view(mx.uint8)].reshape(len(rows), -1)[:, :vocab].astype(logits.dtype)
+    if len(rows) == logits.shape[0]:
+        return logits + add
+    return logits.at[mx.array(list(rows))].add(add)  # only the masked rows are written

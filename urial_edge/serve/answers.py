@@ -15,6 +15,7 @@ from typing import Callable, Iterator, List, Optional, Tuple
 from ..errors import UrialError, one_line
 from ..log import warn
 from ..runtime.answer import Answer, AnswerStream
+from ..runtime.constraints import from_response_format
 from ..runtime.options import GenerationOptions, OptionError
 from ..runtime.sampling import check_logprobs
 from ..runtime.validate import text
@@ -43,6 +44,17 @@ def generation_options(values: dict, defaults: GenerationOptions) -> GenerationO
     if options.max_tokens > MAX_TOKENS_LIMIT:
         raise BadRequest(f"'max_tokens' must be between 1 and {MAX_TOKENS_LIMIT}", param="max_tokens")
     return options
+
+
+def constraint_arguments(response_format, param: str) -> dict:
+    """A ``response_format`` value (runtime/constraints.py) as keyword arguments of ``Assistant.stream``/
+    ``complete`` (none: free text), plain JSON as the ranks of a split model receive it; a bad one is a 400
+    naming ``param``, before any model is loaded or anything generated."""
+    try:
+        constraint = from_response_format(response_format)
+    except UrialError as e:
+        raise BadRequest(f"'{param}': {e}", param=param) from None
+    return constraint.arguments() if constraint is not None else {}
 
 
 def choice_count(value, most: int) -> int:

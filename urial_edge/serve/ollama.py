@@ -25,7 +25,7 @@ from ..model.loading import read_config, weight_files
 from ..model.store import model_fingerprint
 from ..runtime.prompt import render_prefix, render_turn
 from .answers import (MAX_TOKENS_LIMIT, Choices, StreamStopped, TokenLogprobs, answer_events, checked_text,
-                      finished, generation_options, logprobs_asked)
+                      constraint_arguments, finished, generation_options, logprobs_asked)
 from .http import BadRequest, Handler
 from .openai import parse_messages
 from ..units import parse_keep_alive
@@ -63,10 +63,20 @@ def options_of(body: dict, defaults):
         raise BadRequest(str(e).replace(f"'{e.param}'", f"'options.{theirs}'"), param=theirs) from None
 
 
+def format_constraint(body: dict) -> dict:
+    """Ollama's ``format``: ``"json"`` (any JSON object) or a JSON schema, as constraint keyword arguments."""
+    fmt = body.get("format")
+    if fmt in (None, ""):
+        return {}
+    if fmt == "json":
+        return constraint_arguments({"type": "json_object"}, "format")
+    if isinstance(fmt, dict):
+        return constraint_arguments({"type": "json_schema", "json_schema": {"schema": fmt}}, "format")
+    raise BadRequest("'format' must be \"json\" or a JSON schema object", param="format")
+
+
 def unsupported(body: dict, messages: list = ()) -> None:
     """What Ollama would do with a model that cannot: refuse it with a 400 that says so."""
-    if body.get("format"):
-        raise BadRequest("format (structured output) is not supported yet")
     if body.get("tools"):
         raise BadRequest("this model does not support tools")
     if body.get("think"):
@@ -88,11 +98,12 @@ def chat(handler: Handler, body: dict) -> None:
         return load_only(handler, body, {"message": {"role": "assistant", "content": ""}})
     system, history, query = parse_messages(messages)
     top = logprobs_asked(body.get("logprobs"), body.get("top_logprobs"))
+    constraint = format_constraint(body)
     options = options_of(body, handler.server.pool.default_options)
     with handler.server.pool.use(body.get("model"), body.get("keep_alive")) as served:
         a = served.assistant
         choices = Choices.start(lambda i: a.stream(query, history=history, system=system, remember=True,
-                                                   logprobs=top, **asdict(options)))
+                                                   logprobs=top, **constraint, **asdict(options)))
         respond(handler, body, served, choices, started, lambda text: {"message": {"role": "assistant",
                                                                                     "content": text}})
 
@@ -105,15 +116,17 @@ def generate(handler: Handler, body: dict) -> None:
         return load_only(handler, body, {"response": ""})
     system = checked_text(body.get("system") or "", "'system'", "system")
     top = logprobs_asked(body.get("logprobs"), body.get("top_logprobs"))
+    constraint = format_constraint(body)
     raw = bool(body.get("raw"))  # the prompt as it is, no frame: a continuation
     defaults = handler.server.pool.default_options
     options = options_of(body, defaults.replace(stop=()) if raw else defaults)
     with handler.server.pool.use(body.get("model"), body.get("keep_alive")) as served:
         a = served.assistant
         if raw:
-            choices = Choices.start(lambda i: a.complete(prompt, logprobs=top, **asdict(options)))
+            choices = Choices.start(lambda i: a.complete(prompt, logprobs=top, **constraint, **asdict(options)))
         else:
-            choices = Choices.start(lambda i: a.stream(prompt, system=system, logprobs=top, **asdict(options)))
+            choices = Choices.start(lambda i: a.stream(prompt, system=system, logprobs=top, **constraint,
+                                                       **asdict(options)))
         respond(handler, body, served, choices, started, lambda text: {"response": text})
 
 

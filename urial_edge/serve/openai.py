@@ -13,7 +13,8 @@ together (with a seed, answer i uses seed + i), ``stream_options.include_usage``
 ``usage.prompt_tokens_details.cached_tokens`` (prompt tokens that came from a
 cached state), and ``logprobs`` (chat: ``logprobs: true, top_logprobs: k``;
 completions: ``logprobs: k``) from the distribution each token was drawn
-from. A stream the server has to end early (SIGTERM, a failed step) ends with
+from. Both take ``response_format`` (structured output:
+:func:`response_constraint`). A stream the server has to end early (SIGTERM, a failed step) ends with
 an error event and ``[DONE]``.
 """
 
@@ -26,7 +27,8 @@ from typing import List, Optional, Tuple
 
 from ..runtime.messages import MessageError, conversation
 from ..runtime.options import GenerationOptions
-from .answers import (Choices, StreamStopped, TokenLogprobs, answer_events, checked_text, choice_count, finished,
+from .answers import (Choices, StreamStopped, TokenLogprobs, answer_events, checked_text, choice_count,
+                      constraint_arguments, finished,
                       generation_options, logprobs_asked, logprobs_count, seeded)
 from .http import BadRequest, Handler, error_body
 
@@ -69,10 +71,6 @@ def unsupported(body: dict) -> None:
     """Refuse, with a clear 400, what would otherwise be silently ignored (the key is named)."""
     if body.get("tools") or body.get("functions"):
         raise BadRequest("tools and function calling are not supported by this server", param="tools")
-    fmt = body.get("response_format")
-    if fmt is not None and not (isinstance(fmt, dict) and fmt.get("type") == "text"):
-        raise BadRequest("response_format other than {\"type\": \"text\"} is not supported yet",
-                         param="response_format")
     if body.get("echo"):
         raise BadRequest("echo (the prompt's own log-probabilities) is not supported", param="echo")
 
@@ -84,14 +82,22 @@ def include_usage(body: dict) -> bool:
     return bool(options and options.get("include_usage"))
 
 
+def response_constraint(body: dict) -> dict:
+    """What ``response_format`` asks the answer to be: OpenAI's ``{"type": "json_object"}`` and ``{"type":
+    "json_schema", "json_schema": {"schema": ...}}``, or ``regex``, ``choice`` and ``grammar``."""
+    return constraint_arguments(body.get("response_format"), "response_format")
+
+
 def chat_completions(handler: Handler, body: dict) -> None:
     system, history, query = parse_messages(body.get("messages"))
+    constraint = response_constraint(body)
     asked = requested(handler, body, handler.server.pool.default_options,
                       logprobs_asked(body.get("logprobs"), body.get("top_logprobs")))
     with handler.server.pool.use(body.get("model"), body.get("keep_alive")) as served:
         a = served.assistant
         choices = Choices.start(lambda i: a.stream(query, history=history, system=system, remember=i == 0,
-                                                   logprobs=asked.logprobs, **asdict(seeded(asked.options, i))),
+                                                   logprobs=asked.logprobs, **constraint,
+                                                   **asdict(seeded(asked.options, i))),
                                 asked.n)
         respond(handler, body, Reply(CHAT, served.name, TokenLogprobs(a.tokenizer, choices), asked.usage), choices)
 
@@ -103,11 +109,12 @@ def completions(handler: Handler, body: dict) -> None:
     text = checked_text(prompt, "'prompt'", "prompt")
     if not text:
         raise BadRequest("'prompt' must be a non-empty string", param="prompt")
+    constraint = response_constraint(body)
     asked = requested(handler, body, handler.server.pool.default_options.replace(stop=()),
                       logprobs_count(body.get("logprobs"), "logprobs"))
     with handler.server.pool.use(body.get("model"), body.get("keep_alive")) as served:
         a = served.assistant
-        choices = Choices.start(lambda i: a.complete(text, logprobs=asked.logprobs,
+        choices = Choices.start(lambda i: a.complete(text, logprobs=asked.logprobs, **constraint,
                                                      **asdict(seeded(asked.options, i))), asked.n)
         respond(handler, body, Reply(TEXT, served.name, TokenLogprobs(a.tokenizer, choices), asked.usage), choices)
 
