@@ -16,20 +16,15 @@ Writes results/batch.{json,md,png}.
 from urial_edge.model.backend import prepare
 
 prepare()  # first: the optimised BLAS and light mlx_lm imports, before MLX loads
-import argparse
 
-from common import RESULTS, write_results
+from common import RESULTS, model_arguments, write_results
 
 from urial_edge.bench import batch as bench_batch
 from urial_edge.runtime.assistant import Assistant
 
 
 def main():
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--model", default=None)
-    parser.add_argument("--prompt", default=None)
-    parser.add_argument("--max-tokens", type=int, default=64)
-    parser.add_argument("--repeats", type=int, default=2)
+    parser = model_arguments(max_tokens=64, repeats=2)
     args = parser.parse_args()
     bot = Assistant.load(args.model, args.prompt, batch_size=16)
     rows = bench_batch.throughput(bot, max_tokens=args.max_tokens, repeats=args.repeats)

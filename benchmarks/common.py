@@ -1,5 +1,6 @@
 """Helpers shared by the benchmark scripts: machine description and result files."""
 
+import argparse
 import json
 import os
 import platform
@@ -58,3 +59,25 @@ def best_of(fn, repeats: int = 3):
         result = fn()
         best = min(best, time.perf_counter() - start)
     return best, result
+
+
+def in_turns(runs: dict, repeats: int, key) -> dict:
+    """Run each of ``runs`` (name -> function) once per round for ``repeats`` rounds, in turns, so that a
+    shared machine's load falls on all of them alike; each one's best result by ``key`` (lowest)."""
+    best = {}
+    for _ in range(repeats):
+        for name, fn in runs.items():
+            result = fn()
+            if name not in best or key(result) < key(best[name]):
+                best[name] = result
+    return best
+
+
+def model_arguments(max_tokens: int, repeats: int) -> argparse.ArgumentParser:
+    """A parser with the options most benchmarks share: --model, --prompt, --max-tokens, --repeats."""
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--model", default=None)
+    parser.add_argument("--prompt", default=None)
+    parser.add_argument("--max-tokens", type=int, default=max_tokens)
+    parser.add_argument("--repeats", type=int, default=repeats)
+    return parser

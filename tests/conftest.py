@@ -8,6 +8,8 @@ import contextlib
 import http.client
 import json
 import os
+import shutil
+import time
 from pathlib import Path
 
 import pytest
@@ -108,6 +110,43 @@ def running_server(home, model, *extra):
         assert "Traceback" not in stop_server(proc)
 
 
+@contextlib.contextmanager
+def multi_model_server(home, model, *extra, store=()):
+    """``running_server`` whose store also holds ``store``'s ``(name, model directory)`` pairs, for models
+    loaded on demand; the info has the served model's ``name``."""
+    for name, directory in store:
+        shutil.copytree(directory, home / "models" / name)
+    with running_server(home, model, *extra) as info:
+        info["name"] = model.name
+        yield info
+
+
+@pytest.fixture(scope="session")
+def two_models(tmp_path_factory, tiny_gemma, tiny_llama):
+    """A server started with the tiny gemma model, whose store holds the tiny llama (``tinyllama``) to load
+    on demand; shared by the tests of the official clients (each loads what it needs)."""
+    with multi_model_server(tmp_path_factory.mktemp("two-models-home"), tiny_gemma,
+                            store=[("tinyllama", tiny_llama)]) as info:
+        yield info
+
+
+def openai_client(server):
+    import openai
+
+    return openai.OpenAI(base_url=f"http://{server['host']}:{server['port']}/v1", api_key="none", max_retries=0)
+
+
+def wait_until(condition, timeout=60.0, what="the condition"):
+    """Poll ``condition`` until it returns something true (no fixed sleeps: a busy machine only waits longer)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
 def stop_server(proc) -> str:
     """SIGTERM the server; it must exit cleanly. Returns what it wrote on stderr after starting."""
     import signal
@@ -139,8 +178,9 @@ def byte_symbols() -> list:
     return [mapping[b] for b in range(256)]
 
 
-def make_tiny_gguf(path: Path, seed: int = 0, layers: int = 2) -> Path:
-    """A random-weight llama GGUF (float32) with a byte-level BPE vocabulary that llama.cpp and the importer read."""
+def make_tiny_gguf(path: Path, seed: int = 0, layers: int = 2, chat_template: str = None) -> Path:
+    """A random-weight llama GGUF (float32) with a byte-level BPE vocabulary that llama.cpp and the importer read
+    (and a ``tokenizer.chat_template``, if given)."""
     import gguf
     import numpy as np
 
@@ -168,6 +208,8 @@ def make_tiny_gguf(path: Path, seed: int = 0, layers: int = 2) -> Path:
     w.add_eos_token_id(1)
     w.add_pad_token_id(0)
     w.add_add_bos_token(True)
+    if chat_template:
+        w.add_chat_template(chat_template)
 
     def tensor(name, *shape, scale=0.2):
         w.add_tensor(name, (rng.standard_normal(shape) * scale).astype(np.float32))

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -183,3 +184,66 @@ def test_subprocess_batch(args, home, tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout == "" and "2 answered" in proc.stderr
     assert [json.loads(x)["id"] for x in out.read_text().splitlines()] == [1, 2]
+
+
+# -- structured output -----------------------------------------------------------------------------
+
+SMALL = {"type": "object", "properties": {"n": {"type": "integer", "minimum": 0, "maximum": 99},
+                                          "w": {"enum": ["up", "down"]}},
+         "required": ["n", "w"], "additionalProperties": False}
+
+
+def test_ask_takes_every_kind_of_constraint(args, tmp_path):
+    schema = tmp_path / "schema.json"
+    schema.write_text(json.dumps(SMALL))
+    for given in (str(schema), json.dumps(SMALL)):
+        result = run("ask", *args, "--max-tokens", "60", "--json", "--schema", given, "Numbers?")
+        assert result.exit_code == 0, result.output
+        data = json.loads(result.stdout)
+        assert data["finish_reason"] == "stop" and data["value"] == json.loads(data["text"])
+        assert set(data["value"]) == {"n", "w"} and data["value"]["w"] in ("up", "down")
+    assert "value" not in json.loads(run("ask", *args, "--json", "Numbers?").stdout)
+    assert re.fullmatch(r"[a-c]{3}\n", run("ask", *args, "--regex", "[a-c]{3}", "x").stdout)
+    assert run("ask", *args, "--choice", "yes", "--choice", "no", "x").stdout in ("yes\n", "no\n")
+    lark, gbnf, detected = tmp_path / "g.lark", tmp_path / "g.gbnf", tmp_path / "g.txt"
+    lark.write_text('start: "v" /[0-9]/\n')
+    gbnf.write_text('root ::= "w" [0-9]\n')
+    detected.write_text('root ::= "w" [0-9]\n')
+    assert re.fullmatch(r"v[0-9]\n", run("ask", *args, "--grammar", str(lark), "x").stdout)
+    assert re.fullmatch(r"w[0-9]\n", run("ask", *args, "--grammar", str(gbnf), "x").stdout)
+    assert run("ask", *args, "--grammar", str(detected), "x").stdout == run("ask", *args, "--grammar", str(gbnf),
+                                                                             "x").stdout
+
+
+@pytest.mark.parametrize("argv,match", [
+    (["--schema", '{"type": "strin"}'], "Invalid type: strin"),
+    (["--schema", "missing.json"], "cannot read schema file"),
+    (["--regex", "a("], "invalid regex"),
+    (["--choice", ""], "a choice must not be empty"),
+    (["--grammar", "missing.lark"], "cannot read grammar file"),
+    (["--schema", "{}", "--regex", "a"], "give one constraint, not --schema and --regex"),
+])
+def test_bad_constraints_exit_2_naming_the_option(args, argv, match):
+    result = CliRunner().invoke(cli, ["ask", *args, *argv, "x"])
+    assert result.exit_code == 2 and match in result.stderr and "Traceback" not in result.output
+    flag = argv[-2] if len(argv) > 2 else argv[0]
+    assert f"Invalid value for {flag}:" in result.stderr
+
+
+def test_batch_lines_may_carry_their_own_schema(args, tmp_path):
+    infile, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    infile.write_text(json.dumps({"id": 1, "query": "A?", "schema": SMALL}) + "\n"
+                      + json.dumps({"id": 2, "query": "B?"}) + "\n"
+                      + json.dumps({"id": 3, "query": "C?", "schema": {"type": "strin"}}) + "\n")
+    result = run("batch", str(infile), "-o", str(out), *args, "--max-tokens", "60", "--choice", "x", "--choice", "y")
+    assert result.exit_code == 3 and "in.jsonl:3: invalid schema: Invalid type: strin" in result.stderr
+    rows = {r["id"]: r for r in map(json.loads, out.read_text().splitlines())}
+    assert set(rows) == {1, 2}
+    assert set(rows[1]["value"]) == {"n", "w"} and rows[2]["value"] in ("x", "y")
+
+
+def test_chat_follows_its_constraint_every_turn(args):
+    result = run("chat", *args, "--choice", "left", "--choice", "right", input="Which way?\nAnd now?\n/exit\n")
+    assert result.exit_code == 0, result.output
+    assert all(line in ("left", "right") for line in result.stdout.splitlines())
+    assert len(result.stdout.splitlines()) == 2

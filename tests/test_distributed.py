@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 import ranks
-from conftest import make_tiny_model
+from conftest import make_tiny_model, wait_until
 from ranks import LAUNCH_TIMEOUT, launch_command
 from urial_edge.distributed import lockstep, sharding
 from urial_edge.distributed import world as distributed
@@ -42,8 +42,11 @@ def launch_env(home: Path, **extra: str) -> dict:
 
 
 def launch(n: int, home: Path, *command: str, stdin: str = "", **env: str) -> subprocess.CompletedProcess:
-    return subprocess.run(launch_command(n, *command), env=launch_env(home, **env), cwd=REPO, input=stdin,
-                          capture_output=True, text=True, timeout=LAUNCH_TIMEOUT)
+    """Run on n ranks; output is decoded without newline translation, as random models do write a bare CR."""
+    run = subprocess.run(launch_command(n, *command), env=launch_env(home, **env), cwd=REPO, input=stdin.encode(),
+                         capture_output=True, timeout=LAUNCH_TIMEOUT)
+    run.stdout, run.stderr = run.stdout.decode(errors="replace"), run.stderr.decode(errors="replace")
+    return run
 
 
 def probe(n: int, home: Path, out: Path, model: Path, prompt, queries=QUERIES, max_tokens=MAX_TOKENS, env=None,
@@ -274,15 +277,13 @@ def health(url: str) -> dict:
         return json.loads(r.read())
 
 
-def wait_until_idle(health_url: str, seconds: float = 600) -> dict:
-    """/health once nothing runs or waits (polled; the deadline only guards against a hang)."""
-    deadline = time.time() + seconds
-    while time.time() < deadline:
+def wait_until_idle(health_url: str) -> dict:
+    """/health once nothing runs or waits (the deadline only guards against a hang)."""
+    def idle():
         load = health(health_url)
-        if load["active"] == 0 and load["waiting"] == 0:
-            return load
-        time.sleep(0.2)
-    raise AssertionError(f"still busy: {load}")
+        return load if load["active"] == 0 and load["waiting"] == 0 else None
+
+    return wait_until(idle, timeout=600.0, what="an idle server")
 
 
 @pytest.mark.slow
@@ -292,6 +293,7 @@ def test_serve_on_two_ranks_answers_as_one_process(home, llama6, prompt_file):
     bot = Assistant.load(str(llama6), str(prompt_file), max_tokens=MAX_TOKENS)
     expected_chat = bot.ask(QUERIES[0]).text
     expected_completion = bot.complete("Once upon a time").finish().text
+    expected_choice = bot.ask(QUERIES[0], regex="[a-z]{2,6}").text  # a constraint reaches both ranks
     server = subprocess.Popen(launch_command(2, *cli("serve", "-m", str(llama6), "-p", str(prompt_file), "--port",
                                                      "0")),
                               env=launch_env(home), cwd=REPO, stdin=subprocess.DEVNULL, stderr=subprocess.PIPE,
@@ -316,6 +318,8 @@ def test_serve_on_two_ranks_answers_as_one_process(home, llama6, prompt_file):
         completion = post(f"{url}/completions", {"prompt": "Once upon a time", "max_tokens": MAX_TOKENS})
         assert completion["choices"][0]["text"] == expected_completion
         assert post(f"{url}/chat/completions", chat)["choices"][0]["message"]["content"] == expected_chat
+        constrained = {**chat, "response_format": {"type": "regex", "regex": "[a-z]{2,6}"}}
+        assert post(f"{url}/chat/completions", constrained)["choices"][0]["message"]["content"] == expected_choice
 
         record = json.loads(next((home / "servers").glob("*.json")).read_text())
         os.kill(record["pid"], signal.SIGTERM)  # rank 0 stops and tells rank 1

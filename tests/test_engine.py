@@ -147,3 +147,43 @@ def test_bad_requests_are_refused_before_queueing(bot):
 def test_batch_size_must_be_positive(home, tiny_llama):
     with pytest.raises(UrialError, match="at least 1"):
         Engine(None, None, [], 100, max_active=0)
+
+
+def full_pass_logprobs(bot, query: str, answer_ids: list, temperature: float = 1.0) -> list:
+    """Log-softmax rows (at ``temperature``) of one plain forward pass over the whole prompt and answer."""
+    import mlx.core as mx
+
+    from urial_edge.runtime import prompt as urial
+
+    ids = bot.prefix_ids + bot.after_prefix(urial.render_turn(query)) + answer_ids
+    logits = bot.model(mx.array(ids)[None])[0, -len(answer_ids) - 1:-1, :].astype(mx.float32) / temperature
+    return (logits - mx.logsumexp(logits, axis=-1, keepdims=True)).tolist()
+
+
+def test_logprobs_come_from_the_distribution_each_token_was_chosen_from(bot):
+    plain = bot.ask(QUERIES[2], repetition_penalty=1.0)
+    scored = bot.ask(QUERIES[2], repetition_penalty=1.0, logprobs=5)
+    assert scored.token_ids == plain.token_ids and scored.text == plain.text  # asking costs nothing in answers
+    assert plain.logprobs is None and len(scored.logprobs) == scored.tokens
+    reference = full_pass_logprobs(bot, QUERIES[2], scored.token_ids)
+    for step, row in zip(scored.logprobs, reference):
+        assert step.top[0][0] == step.token  # greedy: the chosen token is the likeliest
+        assert [t for t, _ in step.top] == sorted(range(len(row)), key=lambda t: -row[t])[:5]
+        assert step.logprob == pytest.approx(row[step.token], abs=1e-3)
+        assert [v for _, v in step.top] == pytest.approx([row[t] for t, _ in step.top], abs=1e-3)
+
+
+def test_batched_logprobs_equal_single_ones_and_sampled_ones_follow_temperature(bot):
+    single = [bot.ask(q, logprobs=2) for q in QUERIES[:3]]
+    batched = list(bot.batch(QUERIES[:3], batch_size=3, logprobs=2))
+    for a, b in zip(single, batched):
+        assert [t.token for t in a.logprobs] == [t.token for t in b.logprobs] == a.token_ids
+        assert [t.logprob for t in a.logprobs] == pytest.approx([t.logprob for t in b.logprobs], abs=1e-4)
+    for temperature in (1.5, 0.4):
+        sampled = bot.ask(QUERIES[0], temperature=temperature, seed=1, repetition_penalty=1.0, logprobs=0)
+        reference = full_pass_logprobs(bot, QUERIES[0], sampled.token_ids, temperature)
+        assert [t.top for t in sampled.logprobs] == [[]] * sampled.tokens
+        assert [t.logprob for t in sampled.logprobs] == pytest.approx(
+            [row[t] for t, row in zip(sampled.token_ids, reference)], abs=1e-3)
+    with pytest.raises(UrialError, match="logprobs must be an integer from 0 to 20"):
+        bot.ask(QUERIES[0], logprobs=21)

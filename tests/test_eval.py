@@ -356,3 +356,21 @@ def test_eval_bad_inputs_are_one_line_errors(home, tmp_path):
         result = CliRunner().invoke(cli, ["eval", *argv])
         assert result.exit_code == 1 and result.stderr.startswith("error: ") and match in result.stderr
         assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_eval_can_ask_for_a_schema_per_question_and_a_constraint_for_the_rest(home, tiny_llama, tmp_path,
+                                                                             prompt_file):
+    schema = {"type": "object", "properties": {"n": {"type": "integer", "minimum": 0, "maximum": 9}},
+              "required": ["n"], "additionalProperties": False}
+    questions = tmp_path / "q.jsonl"
+    questions.write_text(json.dumps({"id": "a", "query": "A number?", "schema": schema}) + "\n"
+                         + json.dumps({"id": "b", "query": "Yes or no?"}) + "\n")
+    out = tmp_path / "out"
+    result = run_eval(str(questions), "-o", str(out), "-m", str(tiny_llama), "-p", prompt_file, "--max-tokens", "40",
+                      "--choice", "yes", "--choice", "no")
+    assert result.exit_code == 0, result.output
+    rows = {r["question_id"]: r for r in map(json.loads, lines(out / "answers.jsonl"))}
+    assert set(rows["a"]["value"]) == {"n"} and rows["b"]["value"] in ("yes", "no")
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"id": "a", "query": "x", "schema": "not a schema"}) + "\n")
+    assert "'schema' must be a JSON Schema" in CliRunner().invoke(cli, ["eval", str(bad), "-o", str(out)]).stderr

@@ -109,18 +109,22 @@ import urial_edge
 from urial_edge.cli import main  # the entry point's module: --help and --version must stay light
 maps = open("/proc/self/maps").read() if os.path.exists("/proc/self/maps") else ""
 print(json.dumps({"env_changed": sorted(set(os.environ.items()) ^ set(env.items())),
-                  "mlx_loaded": sorted(m for m in sys.modules if m.split(".")[0] in ("mlx", "mlx_lm", "transformers")),
-                  "blas_loaded": "libmkl" in maps or "libopenblas" in maps}))
+                  "mlx_loaded": sorted(m for m in sys.modules
+                                       if m.split(".")[0] in ("mlx", "mlx_lm", "transformers", "llguidance")),
+                  "blas_loaded": "libmkl" in maps or "libopenblas" in maps,
+                  "server_loaded": sorted(m for m in sys.modules if m in ("urial_edge.serve.run", "urial_edge.serve.static"))}))
 """
 
 
 def test_importing_the_package_changes_nothing_in_the_process():
+    """Nor does the CLI's entry module: MLX, its BLAS and the server (with the chat page) load only when used."""
     out = json.loads(subprocess.run([sys.executable, "-c", PROBE], capture_output=True, text=True, check=True).stdout)
-    assert out == {"env_changed": [], "mlx_loaded": [], "blas_loaded": False}
+    assert out == {"env_changed": [], "mlx_loaded": [], "blas_loaded": False, "server_loaded": []}
 
 
 @pytest.mark.parametrize("module", ["urial_edge.plugins.llm", "urial_edge.serve.discovery", "urial_edge.cli.answer"])
 def test_faces_import_without_mlx(module):
-    """llm lists our models, and ask finds a server, without MLX (or its BLAS) loaded."""
-    code = f"import sys, {module}; print(sorted(m for m in sys.modules if m.split('.')[0] in ('mlx', 'mlx_lm')))"
+    """llm lists our models, and ask finds a server, without MLX (or its BLAS) or the constraint library loaded."""
+    code = (f"import sys, {module}; "
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('mlx', 'mlx_lm', 'llguidance')))")
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() == "[]"

@@ -134,3 +134,18 @@ def test_system_text_and_kv_bits(llm_cli, home):
     row = logged(llm_cli, 1)[0]
     expected = tiny_assistant(home, kv_bits=8, max_tokens=6).ask("Where is Lyon?", system="Answer in French.")
     assert row["system"] == "Answer in French." and row["response"].strip() == expected.text
+
+
+def test_schema_support_gives_json_that_validates(llm_cli):
+    import jsonschema
+
+    schema = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 5},
+                                               "age": {"type": "integer", "minimum": 0, "maximum": 99}},
+              "required": ["name", "age"], "additionalProperties": False}
+    out = llm_cli("-m", "urial-edge/tiny", "-o", "urial_prompt", PROMPT, "-o", "max_tokens", "100",
+                  "--schema", json.dumps(schema), "Who is it?")
+    jsonschema.validate(json.loads(out.stdout), schema)
+    assert json.loads(logged(llm_cli, 1)[0]["response"]) == json.loads(out.stdout)
+    bad = llm_cli("-m", "urial-edge/tiny", "-o", "urial_prompt", PROMPT, "--schema", '{"type": "strin"}', "x",
+                  check=False)
+    assert bad.returncode == 1 and "invalid schema: Invalid type: strin" in bad.stderr

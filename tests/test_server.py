@@ -3,16 +3,16 @@
 import http.client
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
 import sys
 import threading
-import time
 
 import pytest
 
-from conftest import TINY_PROMPT as PROMPT, raw, running_server, start_server
+from conftest import TINY_PROMPT as PROMPT, raw, running_server, start_server, wait_until
 
 openai = pytest.importorskip("openai")
 
@@ -27,7 +27,8 @@ def client(server, key="none"):
 
 
 def chat(server, messages, **kw):
-    return client(server).chat.completions.create(model="tiny", messages=messages, max_tokens=12, **kw)
+    return client(server).chat.completions.create(model=server["model"].name, messages=messages, max_tokens=12,
+                                                  **kw)
 
 
 def test_plain_and_streamed_chat_agree(server):
@@ -62,9 +63,10 @@ def test_system_message_joins_the_prompt(server):
 
 
 def test_completions_models_and_health(server):
-    out = client(server).completions.create(model="tiny", prompt="Once upon a time", max_tokens=5)
+    out = client(server).completions.create(model=server["model"].name, prompt="Once upon a time", max_tokens=5)
     assert isinstance(out.choices[0].text, str) and out.usage.completion_tokens <= 5
-    assert [m.id for m in client(server).models.list().data] == [server["model"].name]
+    ids = [m.id for m in client(server).models.list().data]
+    assert ids[0] == server["model"].name and f"{server['model'].name}:tiny" in ids
     assert raw(server, "GET", "/health")[1]["status"] == "ok"
 
 
@@ -98,6 +100,80 @@ def test_concurrent_clients(server):
 def test_malformed_requests_get_openai_style_errors(server, body, status, match):
     code, data = raw(server, "POST", "/v1/chat/completions", body, {"Content-Type": "application/json"})
     assert code == status and match in data["error"]["message"] and data["error"]["type"]
+
+
+# -- structured output ---------------------------------------------------------------------------
+
+NUMBERS = {"type": "object", "properties": {"n": {"type": "integer", "minimum": 0, "maximum": 999},
+                                            "unit": {"enum": ["kg", "m"]}},
+           "required": ["n", "unit"], "additionalProperties": False}
+
+
+def test_the_openai_parse_helper_gets_a_pydantic_object(server):
+    from typing import List, Literal
+
+    from pydantic import BaseModel, Field
+
+    class Pet(BaseModel):
+        name: str = Field(max_length=6)
+        age: int = Field(ge=0, le=30)
+        kind: Literal["cat", "dog"]
+        tags: List[Literal["old", "young"]] = Field(max_length=2)
+
+    completions = client(server).chat.completions
+    parse = getattr(completions, "parse", None) or client(server).beta.chat.completions.parse
+    done = parse(model="tiny", messages=[{"role": "user", "content": "Describe a pet."}], response_format=Pet,
+                 max_tokens=200)
+    message = done.choices[0].message
+    assert done.choices[0].finish_reason == "stop" and isinstance(message.parsed, Pet)
+    assert Pet.model_validate_json(message.content) == message.parsed
+
+
+def test_response_formats_on_both_endpoints_streamed_or_not(server):
+    def ask(**kw):
+        return client(server).chat.completions.create(model="tiny", messages=[{"role": "user", "content": "How?"}],
+                                                      **kw)
+
+    schema = {"type": "json_schema", "json_schema": {"name": "numbers", "schema": NUMBERS}}
+    whole = ask(response_format=schema, max_tokens=100).choices[0]
+    value = json.loads(whole.message.content)
+    assert whole.finish_reason == "stop" and set(value) == {"n", "unit"} and 0 <= value["n"] <= 999
+    pieces = [c.choices[0].delta.content or "" for c in ask(response_format=schema, max_tokens=100, stream=True)]
+    assert "".join(pieces) == whole.message.content
+    anything = ask(response_format={"type": "json_object"}, max_tokens=300).choices[0]
+    assert anything.finish_reason == "length" or isinstance(json.loads(anything.message.content), dict)
+    text = client(server).completions.create(model="tiny", prompt="Code:", max_tokens=20,
+                                             extra_body={"response_format": {"type": "regex", "regex": "[A-Z]{3}"}})
+    assert re.fullmatch("[A-Z]{3}", text.choices[0].text) and text.choices[0].finish_reason == "stop"
+    picked = ask(max_tokens=20, response_format={"type": "choice", "choice": ["light", "heavy"]})
+    assert picked.choices[0].message.content in ("light", "heavy")
+
+
+@pytest.mark.parametrize("response_format,match", [
+    ({"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "strin"}}}, "Invalid type: strin"),
+    ({"type": "json_schema", "json_schema": {"name": "x"}}, "must be an object with a 'schema'"),
+    ({"type": "yaml"}, "unknown type 'yaml'"),
+    ("json", "must be an object with a 'type'"),
+    ({"type": "grammar", "grammar": "start: nothing_here"}, "invalid grammar"),
+])
+def test_a_bad_response_format_is_a_400_naming_it(server, response_format, match):
+    for path, key in (("/v1/chat/completions", "messages"), ("/v1/completions", "prompt")):
+        body = {key: [{"role": "user", "content": "x"}] if key == "messages" else "x",
+                "response_format": response_format}
+        code, data = raw(server, "POST", path, json.dumps(body), {"Content-Type": "application/json"})
+        assert code == 400 and data["error"]["param"] == "response_format", data
+        assert match in data["error"]["message"] and data["error"]["type"] == "invalid_request_error"
+
+
+def test_ask_with_a_schema_uses_the_running_server_too(server):
+    env = {**os.environ, "URIAL_EDGE_HOME": str(server["home"])}
+    argv = [sys.executable, "-m", "urial_edge.cli", "ask", "--model", str(server["model"]), "--prompt",
+            str(server["prompt"]), "--json", "--max-tokens", "100", "--schema", json.dumps(NUMBERS), "How heavy?"]
+    via = json.loads(subprocess.run(argv, capture_output=True, text=True, env=env, check=True).stdout)
+    local = json.loads(subprocess.run(argv + ["--no-server"], capture_output=True, text=True, env=env,
+                                      check=True).stdout)
+    assert "server" in via["stats"] and "server" not in local["stats"]
+    assert via["text"] == local["text"] and via["value"] == local["value"] == json.loads(local["text"])
 
 
 def test_client_disconnecting_mid_stream_leaves_the_server_healthy(server):
@@ -227,19 +303,17 @@ def open_stream(info, content, max_tokens=4096):
     return sock
 
 
-def wait_for(info, condition, timeout=600.0):
-    """The server's /health once ``condition(health)`` holds (polled; the deadline only guards against a hang)."""
-    deadline = time.time() + timeout
-    while time.time() < deadline:
+def wait_for(info, condition, what: str):
+    """The server's /health once ``condition(health)`` holds (the deadline only guards against a hang)."""
+    def met():
         health = raw(info, "GET", "/health")[1]
-        if condition(health):
-            return health
-        time.sleep(0.05)
-    raise AssertionError(f"not reached: {health}")
+        return health if condition(health) else None
+
+    return wait_until(met, timeout=600.0, what=what)
 
 
 def wait_idle(info):
-    return wait_for(info, lambda health: health["active"] == 0 and health["waiting"] == 0)
+    return wait_for(info, lambda health: health["active"] == 0 and health["waiting"] == 0, "an idle server")
 
 
 def test_past_the_queue_a_request_gets_429_with_retry_after(narrow):
@@ -267,7 +341,7 @@ def test_a_client_that_leaves_frees_its_slot(narrow, streaming):
         sock = socket.create_connection((narrow["host"], narrow["port"]))
         sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
                      + f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
-        wait_for(narrow, lambda health: health["active"] == 1)  # admitted: its answer is being generated
+        wait_for(narrow, lambda health: health["active"] == 1, "the request's admission")  # being generated
     sock.close()
     health = wait_idle(narrow)
     assert health["finished"]["cancelled"] == before + 1  # cancelled, not run to its ~1,900 tokens

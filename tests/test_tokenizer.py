@@ -157,6 +157,31 @@ def test_lazy_tokenizer_works_from_another_thread(pair):
     assert out["ids"] == full.encode(text) and out["text"] == full.decode(full.encode(text))
 
 
+def test_lazy_tokenizer_is_exact_from_many_threads_at_once(pair, tmp_path):
+    """Threads that stream from one Assistant (a server's) tokenize at once; the lazy tokenizer grows its
+    vocabulary as new texts come, under a lock."""
+    import threading
+
+    full, _ = pair
+    lazy = Tokenizer(full._path.parent)  # a fresh lazy one: nothing kept yet
+    texts = [f"{word} {i} {chr(0x400 + i)}{chr(0x4e00 + i)} ünï {i * 7}" for i, word in
+             enumerate(STRINGS * 8)]
+    got, errors = {}, []
+
+    def work(k):
+        try:
+            got[k] = [lazy.encode(t) for t in texts[k::6]]
+        except Exception as e:  # noqa: BLE001 - asserted below
+            errors.append(e)
+
+    threads = [threading.Thread(target=work, args=(k,)) for k in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors and all(got[k] == [full.encode(t) for t in texts[k::6]] for k in range(6))
+
+
 def test_load_full_keeps_ids(pair, tmp_path):
     full, lazy = pair
     import copy

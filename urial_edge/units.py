@@ -1,6 +1,8 @@
 """Sizes and durations as people write them (``500M``, ``7d``) and as we print them."""
 
+import math
 import re
+from typing import Optional
 
 from .errors import UrialError
 
@@ -23,6 +25,32 @@ def parse_duration(text: str) -> float:
     if not m:
         raise UrialError(f"invalid duration {text!r}: use a number with s, m, h, d or w (e.g. 7d)")
     return float(m.group(1)) * _DURATION_UNITS[m.group(2)]
+
+
+_GO_UNITS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
+_GO_DURATION = re.compile(r"([+-]?)((?:\d+(?:\.\d*)?(?:ns|us|µs|ms|s|m|h))+)")
+
+
+def parse_keep_alive(value) -> Optional[float]:
+    """Seconds a model stays loaded after an answer, as Ollama reads ``keep_alive``; None is for ever.
+
+    A number (or numeric string) is seconds; a string may be a Go duration
+    (``"5m"``, ``"1h30m"``, ``"-1m"``). Negative means for ever, 0 unload at once.
+    """
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        raise UrialError(f"keep_alive must be a duration (\"5m\") or a number of seconds, got {value!r}")
+    try:
+        seconds = float(value)
+    except (ValueError, OverflowError):
+        m = _GO_DURATION.fullmatch(value.strip())
+        if m is None:
+            raise UrialError(f"invalid keep_alive {value!r}: use a duration such as \"5m\", \"1h\" or \"-1\"") from None
+        seconds = sum(float(n) * _GO_UNITS[u] for n, u in re.findall(r"(\d+(?:\.\d*)?)(ns|us|µs|ms|s|m|h)",
+                                                                      m.group(2)))
+        seconds = -seconds if m.group(1) == "-" else seconds
+    if math.isnan(seconds):
+        raise UrialError("keep_alive must be a number of seconds, got NaN")
+    return None if seconds < 0 or math.isinf(seconds) else seconds
 
 
 def format_size(n: float) -> str:

@@ -9,7 +9,7 @@ on a shared, noisy machine even when the absolute rates move.
 import statistics
 import threading
 import time
-from typing import Dict, List, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import mlx.core as mx
 
@@ -120,10 +120,11 @@ def throughput(bot, sizes=(1, 2, 4, 8, 16), max_tokens: int = 64, repeats: int =
 # -- a running server under concurrent clients ------------------------------------------------------
 
 
-def one_client(info: dict, query: str, max_tokens: int, out: dict) -> None:
-    """Stream one answer; record its time to first token and its token count."""
+def one_client(info: dict, query: str, max_tokens: int, out: dict, model: Optional[str] = None) -> None:
+    """Stream one answer (from ``model``, or the server's default); record its time to first token and its
+    token count."""
     start = time.perf_counter()
-    body = chat_body([{"role": "user", "content": query}], GenerationOptions(max_tokens=max_tokens))
+    body = chat_body([{"role": "user", "content": query}], GenerationOptions(max_tokens=max_tokens), model)
     for chunk in stream_chat(info, body):
         choice = chunk["choices"][0]
         if "ttft" not in out and (choice.get("delta") or {}).get("content"):
@@ -134,11 +135,12 @@ def one_client(info: dict, query: str, max_tokens: int, out: dict) -> None:
     out.setdefault("ttft", out["end"] - start)
 
 
-def concurrent(info: dict, clients: int, max_tokens: int) -> dict:
-    """``clients`` streaming requests at once: aggregate tokens/s and the spread of first-token times."""
-    results = [{} for _ in range(clients)]
-    threads = [threading.Thread(target=one_client, args=(info, QUERIES[i % len(QUERIES)], max_tokens, r))
-               for i, r in enumerate(results)]
+def run_clients(jobs: Sequence[Tuple[dict, Optional[str]]], max_tokens: int) -> dict:
+    """One streaming client per ``(server info, model)`` job, all at once: aggregate tokens/s and the spread
+    of first-token times."""
+    results = [{} for _ in jobs]
+    threads = [threading.Thread(target=one_client, args=(info, QUERIES[i % len(QUERIES)], max_tokens, r, model))
+               for i, ((info, model), r) in enumerate(zip(jobs, results))]
     start = time.perf_counter()
     for t in threads:
         t.start()
@@ -146,9 +148,14 @@ def concurrent(info: dict, clients: int, max_tokens: int) -> dict:
         t.join()
     wall = max(r["end"] for r in results) - start
     ttfts = sorted(r["ttft"] for r in results)
-    return {"clients": clients, "tokens": sum(r["tokens"] for r in results),
+    return {"clients": len(jobs), "tokens": sum(r["tokens"] for r in results),
             "tps": sum(r["tokens"] for r in results) / wall, "ttft_p50": statistics.median(ttfts),
             "ttft_p95": ttfts[min(len(ttfts) - 1, int(round(0.95 * (len(ttfts) - 1))))]}
+
+
+def concurrent(info: dict, clients: int, max_tokens: int) -> dict:
+    """``clients`` streaming requests at once to the server's default model."""
+    return run_clients([(info, None)] * clients, max_tokens)
 
 
 def long_answer(info: dict, prefix_text: str, out: dict) -> None:

@@ -19,7 +19,9 @@ from ..model.store import resolve_model
 from ..runtime.prompt import load_prompt, render_prefix
 from ..serve.discovery import find_server
 from .group import fail
-from .options import generation_options, load_assistant, load_options, read_stdin, split_generation, text_argument
+from .options import (constraint_options, generation_options, load_assistant, load_options, read_stdin,
+                      split_constraint, split_generation, text_argument)
+from .serve import open_chat_page, serve
 
 # --no-daemon is the 0.1 spelling, still accepted
 no_server_option = click.option("--no-server", "--no-daemon", "no_server", is_flag=True,
@@ -30,12 +32,15 @@ no_server_option = click.option("--no-server", "--no-daemon", "no_server", is_fl
 @click.argument("query", required=False)
 @load_options
 @generation_options
-@click.option("--json", "as_json", is_flag=True, help="Print one JSON object with text, stats and options.")
+@constraint_options
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object with text, stats and options (and "
+              "with a constraint, the answer's parsed value).")
 @click.option("--verbose", "-v", is_flag=True, help="Print stats to stderr.")
 @no_server_option
 def ask(query, as_json, verbose, no_server, **kwargs):
     """Answer QUERY (or standard input when QUERY is '-' or input is piped)."""
     query = text_argument(query, "QUERY")
+    constraint = split_constraint(kwargs)
     if query is None or query == "-":
         if sys.stdin is None:
             raise UrialError("no query: standard input is closed; pass the query as an argument")
@@ -47,9 +52,10 @@ def ask(query, as_json, verbose, no_server, **kwargs):
     options = split_generation(kwargs)
     stream = None
     if not (no_server or kwargs["no_cache"]):
-        stream = server_stream(kwargs, [{"role": "user", "content": query}], options)
+        stream = server_stream(kwargs, [{"role": "user", "content": query}], options, constraint)
     if stream is None:
-        stream = load_assistant(**kwargs, options=options).stream(query, no_cache=kwargs["no_cache"])
+        stream = load_assistant(**kwargs, options=options).stream(query, no_cache=kwargs["no_cache"],
+                                                                  constraint=constraint)
     show(stream, as_json, verbose)
 
 
@@ -80,7 +86,7 @@ def running_server_for(kwargs: dict):
     return info
 
 
-def server_stream(kwargs: dict, messages: list, options):
+def server_stream(kwargs: dict, messages: list, options, constraint=None):
     """A stream of the answer from a running server; None if there is none or it cannot take the request."""
     info = running_server_for(kwargs)
     if info is None:
@@ -88,7 +94,7 @@ def server_stream(kwargs: dict, messages: list, options):
     from ..serve.client import ServerBusy, remote_stream  # imports MLX (the Answer type)
 
     try:
-        return remote_stream(info, messages, options)
+        return remote_stream(info, messages, options, constraint=constraint)
     except (OSError, ServerBusy) as e:
         warn(f"the server at {info['host']}:{info['port']} cannot answer ({e}); answering here")
         return None
@@ -105,11 +111,17 @@ def format_stats(stats: dict, finish_reason: str) -> str:
 @click.command()
 @load_options
 @generation_options
+@constraint_options
 @click.option("--session", "-s", default=None, help="Persist the conversation and its KV state under this name.")
 @click.option("--verbose", "-v", is_flag=True, help="Print stats after each answer.")
 @no_server_option
-def chat(session, verbose, no_server, **kwargs):
+@click.option("--web", is_flag=True, help="Chat in the browser: the chat page of a running server for the model, "
+              "or of a new one (as `serve --open`).")
+def chat(session, verbose, no_server, web, **kwargs):
     """Interactive multi-turn chat. Commands: /reset, /save [NAME], /exit."""
+    constraint = split_constraint(kwargs)  # every answer of the chat follows it
+    if web:
+        return chat_page(kwargs)
     from ..runtime.sessions import check_name  # imports MLX, as loading the model will
 
     if session is not None:
@@ -129,11 +141,21 @@ def chat(session, verbose, no_server, **kwargs):
     if conversation.turns:
         click.echo(f"(resumed session {session!r}: {len(conversation.turns)} turns)", err=True)
     click.echo("Type a message; /reset, /save [NAME], /exit. Ctrl-C stops an answer.", err=True)
-    if not repl(conversation, session, verbose):
+    if not repl(conversation, session, verbose, constraint):
         fail("the conversation was not saved (see the error above)")
 
 
-def repl(conversation, session: Optional[str], verbose: bool) -> bool:
+def chat_page(kwargs: dict) -> None:
+    """``chat --web``: open a running server's page, or serve the model and open the page (until Ctrl-C)."""
+    info = running_server_for(kwargs)
+    if info is not None:
+        click.echo(f"(the chat page of the server at {info['host']}:{info['port']})", err=True)
+        return open_chat_page(info)
+    click.get_current_context().invoke(serve, model=kwargs["model"], prompt=kwargs["prompt"],
+                                       kv_bits=kwargs["kv_bits"], open_page=True)
+
+
+def repl(conversation, session: Optional[str], verbose: bool, constraint=None) -> bool:
     """Chat until /exit or the end of input; False if the conversation's last save failed."""
     saved = True
     while True:
@@ -158,7 +180,7 @@ def repl(conversation, session: Optional[str], verbose: bool) -> bool:
                 else:
                     chat_command(conversation, command)
                 continue
-            stream = conversation.stream(message)
+            stream = conversation.stream(message, constraint=constraint)
             try:
                 for piece in stream:
                     click.echo(piece, nl=False)

@@ -4,7 +4,8 @@ Lines are answered in input order into a results file (``disk/results.py``), eac
 before the next; a rerun skips the ids already answered. Nothing is written over data that is not
 ours: the output may not be the input itself, an existing output must hold our results only, and a
 rerun with other generation options is refused (its lines would mix two setups). A bad line is that
-line's error (exit 3); the others are answered.
+line's error (exit 3); the others are answered. A line's own ``"schema"`` (a JSON Schema) constrains its
+answer instead of the command line's constraint.
 """
 
 import sys
@@ -19,10 +20,11 @@ from ..errors import UrialError
 from ..runtime import validate
 from ..runtime.options import GenerationOptions
 from .group import EXIT_BATCH_INVALID
-from .options import generation_options, load_assistant, load_options, split_generation
+from .options import (constraint_options, generation_options, load_assistant, load_options, split_constraint,
+                      split_generation)
 
 BOM = b"\xef\xbb\xbf"
-Line = Tuple[int, object, Optional[str], Optional[str]]  # (line number, id, query, problem)
+Line = Tuple[int, object, Optional[str], object, Optional[str]]  # (line number, id, query, schema, problem)
 
 
 def input_lines(path: Path) -> Iterable[bytes]:
@@ -40,13 +42,14 @@ def input_lines(path: Path) -> Iterable[bytes]:
 
 
 def parse_line(number: int, raw: bytes) -> Tuple[Line, bool]:
-    """One line as ``(number, id, query, problem)``, and whether its id was given (else it is ``number``)."""
+    """One line as ``(number, id, query, schema, problem)`` (``schema``: the line's own, or None), and whether its
+    id was given (else it is ``number``)."""
     try:
         item = validate.loads(raw, "the line")
     except UrialError as e:
-        return (number, None, None, str(e)), False
+        return (number, None, None, None, str(e)), False
     if not isinstance(item, dict):
-        return (number, None, None, "not a JSON object"), False
+        return (number, None, None, None, "not a JSON object"), False
     query, item_id = item.get("query"), item.get("id", number)
     try:
         if isinstance(item_id, str):
@@ -54,12 +57,12 @@ def parse_line(number: int, raw: bytes) -> Tuple[Line, bool]:
         if isinstance(query, str):
             validate.text(query, "'query'")
     except UrialError as e:
-        return (number, None, None, str(e)), False
+        return (number, None, None, None, str(e)), False
     if not isinstance(query, str) or not query.strip():
-        return (number, item_id, None, "missing or empty 'query'"), "id" in item
+        return (number, item_id, None, None, "missing or empty 'query'"), "id" in item
     if not isinstance(item_id, (str, int)) or isinstance(item_id, bool):
-        return (number, None, None, "'id' must be a string or an integer"), False
-    return (number, item_id, query, None), "id" in item
+        return (number, None, None, None, "'id' must be a string or an integer"), False
+    return (number, item_id, query, item.get("schema"), None), "id" in item
 
 
 def read_batch(path: Path) -> List[Line]:
@@ -67,14 +70,14 @@ def read_batch(path: Path) -> List[Line]:
     that number is another line's id (then it is refused: its answer would be taken for that line's)."""
     parsed = [parse_line(n, raw) for n, raw in enumerate(input_lines(path), 1) if raw.strip()]
     given = {}
-    for (n, item_id, _, _), explicit in parsed:
+    for (n, item_id, _, _, _), explicit in parsed:
         if explicit:
             given.setdefault(item_id, n)
     lines = []
-    for (n, item_id, query, problem), explicit in parsed:
+    for (n, item_id, query, schema, problem), explicit in parsed:
         if not explicit and problem is None and given.get(n, n) != n:
             problem = f"no 'id', and its line number {n} is the id of line {given[n]}; give this line an id"
-        lines.append((n, item_id, query, problem))
+        lines.append((n, item_id, query, schema, problem))
     return lines
 
 
@@ -90,9 +93,9 @@ def read_inputs(infile: Path, out: Path, options: GenerationOptions) -> Tuple[Li
 
 def plan(items: List[Line], finished: set) -> Tuple[list, list]:
     """The lines still to answer, and the invalid ones (with their problems)."""
-    invalid = [(n, problem) for n, _, _, problem in items if problem]
+    invalid = [(n, problem) for n, _, _, _, problem in items if problem]
     todo, seen = [], set(finished)
-    for n, item_id, query, problem in items:
+    for n, item_id, query, schema, problem in items:
         if problem:
             continue
         if item_id in seen:
@@ -100,7 +103,7 @@ def plan(items: List[Line], finished: set) -> Tuple[list, list]:
                 invalid.append((n, f"duplicate id {item_id!r}"))
             continue
         seen.add(item_id)
-        todo.append((n, item_id, query))
+        todo.append((n, item_id, query, schema))
     return todo, invalid
 
 
@@ -111,8 +114,13 @@ def plan(items: List[Line], finished: set) -> Tuple[list, list]:
               help="Answers decoded together.")
 @load_options
 @generation_options
+@constraint_options
 def batch(infile, out, batch_size, **kwargs):
-    """Answer every {"id", "query"} line of INFILE ('-': standard input) into OUTPUT (resumable, in order)."""
+    """Answer every {"id", "query"} line of INFILE ('-': standard input) into OUTPUT (resumable, in order).
+
+    A line's own "schema" (a JSON Schema) constrains its answer instead of the command line's constraint.
+    """
+    constraint = split_constraint(kwargs)
     options = split_generation(kwargs)
     # under mlx.launch rank 0 alone reads (and writes) the files and hands the lines to every rank
     read = distributed.leader_stdin if str(infile) == "-" else distributed.leader_input
@@ -122,9 +130,11 @@ def batch(infile, out, batch_size, **kwargs):
     requests, ids = [], []
     if todo:
         assistant = load_assistant(**kwargs, options=options, batch_size=batch_size)
-        for n, item_id, query in todo:
+        for n, item_id, query, schema in todo:
             try:
-                requests.append(assistant.request(query, no_cache=kwargs["no_cache"]))
+                requests.append(assistant.request(query, no_cache=kwargs["no_cache"],
+                                                  **({"schema": schema} if schema is not None else
+                                                     {"constraint": constraint})))
                 ids.append(item_id)
             except UrialError as e:
                 invalid.append((n, str(e)))

@@ -8,12 +8,12 @@ import click
 from ..errors import UrialError
 from ..runtime.options import PRESETS
 from ..runtime.prompt import DEFAULT_PROMPT
-from .options import declared_options, split_generation
+from .options import constraint_options, declared_options, split_constraint, split_generation
 
 
 def eval_options(f):
     """Repeatable -m/-p/--preset (their product makes the configs), the other generation options once."""
-    f = declared_options(f)
+    f = constraint_options(declared_options(f))
     f = click.option("--preset", "presets", multiple=True, type=click.Choice(sorted(PRESETS)),
                      help="A decoding setting to compare (repeatable; default: default). The options "
                      "below apply on top of each.")(f)
@@ -43,18 +43,29 @@ def check_judge_url(ctx, param, value):
               help="The judge's API key (or URIAL_EDGE_JUDGE_KEY).")
 @click.option("--judge", "judge_mode", type=click.Choice(["aspects", "grade", "pairwise"]), default="aspects",
               show_default=True, help="Six aspects 1-5, one grade 1-10, or each config against the first.")
+@click.option("--reference", type=click.Path(path_type=Path), default=None, metavar="FILE",
+              help='Reference answers ({"id", "query", "answer"} JSONL) ranked in each config\'s distribution: '
+              "unshifted and shifted shares, mean log-prob per token (default with our question set: ours).")
+@click.option("--no-reference", is_flag=True, help="Score no reference answers.")
 def evaluate(questions, out, batch_size, models, prompts, presets, judge_url, judge_model, judge_key, judge_mode,
-             **options):
+             reference, no_reference, **options):
     """Answer QUESTIONS (JSONL; default: our own set) under every model x prompt x preset and compare.
 
     Judge-free metrics are always measured; with --judge-url a judge model scores the answers too.
+    A constraint (--schema, ...) applies to every answer but those of questions with their own "schema".
     """
-    from ..eval import judge, questions as question_sets, report, run  # imports MLX: only when evaluating
+    constraint = split_constraint(options)
+    from ..eval import judge, questions as question_sets, report, run, shift  # imports MLX: only when evaluating
 
     if judge_url and not judge_model:
         raise click.BadParameter("--judge-url needs --judge-model", param_hint="--judge-model")
+    if reference and no_reference:
+        raise click.BadParameter("--reference and --no-reference exclude each other", param_hint="--no-reference")
     if out.exists() and not out.is_dir():
         raise UrialError(f"{out} is not a directory")
+    if reference is None and questions is None and not no_reference:
+        reference = shift.default_references()  # our references answer our questions' first turns
+    references = shift.load_items(reference) if reference else None  # a bad line fails before any answering
     questions = questions or question_sets.default_questions()
     items = question_sets.load_questions(questions)
     configs = [run.Config(m, p, s, split_generation({**options, "preset": s}))
@@ -62,8 +73,12 @@ def evaluate(questions, out, batch_size, models, prompts, presets, judge_url, ju
     names = [c.name for c in configs]
     if len(set(names)) < len(names):
         raise click.BadParameter("the same model, prompt or preset is given twice")
-    records = run.run(items, configs, out, batch_size)
+    records = run.run(items, configs, out, batch_size, constraint)
     rows = report.config_rows(items, configs, records)
+    if references:
+        scores = shift.reference_metrics(configs, reference, references, out, batch_size)
+        for row in rows:
+            row.metrics.update(scores[row.config])
     report.write_report(rows, out, questions)
     if judge_url:
         judge.judge_rows(rows, judge.Judge(judge_url, judge_model, judge_key), judge_mode, items, configs, records,

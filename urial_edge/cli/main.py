@@ -24,6 +24,7 @@ from .group import Group
 from .models import models
 from .prompts import prompts
 from .serve import serve
+from .shift import shift
 
 
 @click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"]})
@@ -32,7 +33,7 @@ def cli():
     """Aligned answers from base LLMs, offline, with a cached URIAL prefix."""
 
 
-for command in (ask, chat, batch, evaluate, models, prompts, cache, bench, serve, doctor):
+for command in (ask, chat, batch, evaluate, shift, models, prompts, cache, bench, serve, doctor):
     cli.add_command(command)
 
 

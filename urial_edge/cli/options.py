@@ -1,5 +1,6 @@
 """Options shared by several commands, declared once: the model and prompt, ``--kv-bits``, ``--no-cache``,
-the generation options (derived from ``runtime/options.py``), and reading text from the user.
+the generation options (derived from ``runtime/options.py``), the constraints (``--schema``, ``--regex``,
+``--choice``, ``--grammar``, derived from ``runtime/constraints.py``), and reading text from the user.
 
 Nothing heavy is imported here, so ``--help`` and ``--version`` start instantly.
 """
@@ -11,6 +12,7 @@ from typing import Any, Callable, Optional
 import click
 
 from ..errors import UrialError
+from ..runtime.constraints import KINDS, Constraint, make
 from ..runtime.options import (KV_BITS, PRESETS, GenerationOptions, check, option_names, parse_kv_bits,
                                with_changes)
 from ..runtime.prompt import DEFAULT_PROMPT
@@ -94,6 +96,32 @@ def generation_options(f):
     return click.option("--preset", type=click.Choice(sorted(PRESETS)), default=None,
                         help="Start from a named set of options (see README); the options below override it.")(
         declared_options(f))
+
+
+def constraint_options(f):
+    """The constraint options of runtime/constraints.py (structured output), at most one of them per command."""
+    for kind in reversed(list(KINDS.values())):
+        f = click.option(kind.flag, kind.name, metavar=kind.metavar, default=None, multiple=kind.multiple,
+                         help=kind.help)(f)
+    return f
+
+
+def split_constraint(kwargs: dict) -> Optional[Constraint]:
+    """Pop the constraint options from ``kwargs``; the checked Constraint they give, or None. A bad one exits 2
+    naming its option, before any model loads."""
+    given = {name: kwargs.pop(name) for name in KINDS}
+    given = {name: value for name, value in given.items() if value not in (None, ())}
+    if len(given) > 1:
+        flags = [KINDS[name].flag for name in given]
+        raise click.BadParameter(f"give one constraint, not {' and '.join(flags)}", param_hint=flags[-1])
+    if not given:
+        return None
+    (name, value), = given.items()
+    kind = KINDS[name]
+    try:
+        return make(name, tuple(kind.read(v) for v in value) if kind.multiple else kind.read(value))
+    except UrialError as e:
+        raise click.BadParameter(str(e), param_hint=kind.flag) from None
 
 
 def split_generation(kwargs: dict) -> GenerationOptions:

@@ -3,7 +3,7 @@
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import List, Union
+from typing import List, Optional, Union
 
 from ..disk.paths import package_data
 from ..errors import UrialError
@@ -17,6 +17,7 @@ class Question:
     category: str
     turns: List[str]
     harmful: bool = False
+    schema: Optional[dict] = None  # a JSON Schema every answer to it must follow (structured output)
 
 
 def default_questions() -> Path:
@@ -31,8 +32,8 @@ class QuestionError(ValueError):
 def load_questions(path: Path) -> List[Question]:
     """Questions in MT-Bench's shape (``question_id``, ``category``, ``turns``) or as ``{"id", "query"}``.
 
-    Optional ``category`` and ``harmful`` (true for requests an aligned assistant should decline).
-    Any bad line is a one-line error naming it.
+    Optional ``category``, ``harmful`` (true for requests an aligned assistant should decline) and ``schema``
+    (a JSON Schema the answers must follow). Any bad line is a one-line error naming it.
     """
     try:
         lines = path.read_bytes().splitlines()
@@ -66,7 +67,9 @@ def _question(item) -> Question:
         raise QuestionError("needs a 'question_id' (or 'id') that is a string or an integer")
     if not isinstance(turns, list) or not turns or not all(isinstance(t, str) and t.strip() for t in turns):
         raise QuestionError("needs 'turns' (a list of non-empty strings) or a non-empty 'query'")
-    category, harmful = item.get("category", ""), item.get("harmful", False)
+    category, harmful, schema = item.get("category", ""), item.get("harmful", False), item.get("schema")
     if not isinstance(category, str) or not isinstance(harmful, bool):
         raise QuestionError("'category' must be a string and 'harmful' true or false")
-    return Question(qid, category, turns, harmful)
+    if schema is not None and not isinstance(schema, dict):
+        raise QuestionError("'schema' must be a JSON Schema (an object)")
+    return Question(qid, category, turns, harmful, schema)

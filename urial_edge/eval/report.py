@@ -12,6 +12,7 @@ from ..runtime.prompt import load_prompt
 from . import metrics
 from .questions import Id, Question
 from .run import Config, answer_id
+from .shift import REFERENCE_NOTE
 
 
 @dataclass
@@ -59,12 +60,21 @@ COLUMNS = (  # (metrics key, heading, as a percentage)
     ("distinct_2", "distinct-2", False), ("tokens", "tokens", False), ("ttft", "ttft s", False),
     ("tps", "tok/s", False),
 )
+REFERENCE_COLUMNS = (  # with eval --reference (eval/shift.py)
+    ("ref_unshifted", "ref unshifted", True), ("ref_shifted", "ref shifted", True),
+    ("ref_logprob", "ref log-prob/token", False),
+)
+
+
+def columns(rows: List[Row]) -> tuple:
+    """The report's columns: the reference ones only when the references were scored."""
+    return COLUMNS + (REFERENCE_COLUMNS if any("ref_shifted" in r.metrics for r in rows) else ())
 
 
 def _cell(value, percent: bool) -> str:
     if value is None:
         return "-"
-    return f"{100 * value:.1f}%" if percent else f"{value:.2f}" if value < 10 else f"{value:.0f}"
+    return f"{100 * value:.1f}%" if percent else f"{value:.2f}" if abs(value) < 10 else f"{value:.0f}"
 
 
 def write_report(rows: List[Row], out: Path, questions_file: Path, name: str = "report", notes: str = "") -> dict:
@@ -79,15 +89,20 @@ def write_report(rows: List[Row], out: Path, questions_file: Path, name: str = "
 
 def markdown(rows: List[Row], questions_file: Path, notes: str = "") -> str:
     judge_keys = sorted({k for r in rows for k in r.judge})
-    head = ["config", "answers"] + [h for _, h, _ in COLUMNS] + [f"judge {k}" for k in judge_keys]
+    shown = columns(rows)
+    head = ["config", "answers"] + [h for _, h, _ in shown] + [f"judge {k}" for k in judge_keys]
     lines = [f"# urial-edge eval on {questions_file.name}", ""] + ([notes, ""] if notes else []) + \
         ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
-        cells = [r.config, str(r.metrics["answers"])] + [_cell(r.metrics[k], p) for k, _, p in COLUMNS]
+        cells = [r.config, str(r.metrics["answers"])] + [_cell(r.metrics[k], p) for k, _, p in shown]
         cells += [_cell(r.judge.get(k), k.endswith("rate")) for k in judge_keys]
         lines.append("| " + " | ".join(cells) + " |")
     lines += ["", "Rates are shares of the answers they apply to (see README, \"Measuring answer quality\"); "
               "ttft is the median, tokens and tok/s are means."]
+    if shown != COLUMNS:
+        lines += ["", "ref: the reference answers' tokens ranked in each config's next-token distribution (teacher "
+                  "forcing): unshifted = the model's top token, shifted = ranked below 3rd; log-prob per token in "
+                  "nats. " + REFERENCE_NOTE]
     return "\n".join(lines) + "\n"
 
 
@@ -128,4 +143,5 @@ def summary(row: Row) -> str:
     return (f"{row.config}: frame {_cell(m['frame_held'], True)}, clean stop {_cell(m['clean_stop'], True)}, "
             f"copying {_cell(m['copying'], True)}, apology/refusal on harmless "
             f"{_cell(m['unwarranted_apology'], True)}, harmful declined {_cell(m['declined'], True)}"
+            + (f", ref shifted {_cell(m['ref_shifted'], True)}" if "ref_shifted" in m else "")
             + "".join(f", {k} {_cell(v, k.endswith('rate'))}" for k, v in row.judge.items()))

@@ -69,8 +69,12 @@ def check_options(records: Dict[Id, dict], configs: Sequence[Config], path: Path
                          "use another output directory or the same options")
 
 
-def run(questions: List[Question], configs: List[Config], out: Path, batch_size: int = 8) -> Dict[Id, dict]:
-    """Answer every question under every config, appending to ``out/answers.jsonl``; skip what is there."""
+def run(questions: List[Question], configs: List[Config], out: Path, batch_size: int = 8,
+        constraint=None) -> Dict[Id, dict]:
+    """Answer every question under every config, appending to ``out/answers.jsonl``; skip what is there.
+
+    ``constraint`` (structured output) applies to every answer but those of questions with their own schema.
+    """
     path = ensure_dir(out) / ANSWERS
     records = read_results(path)
     check_options(records, configs, path)
@@ -85,17 +89,19 @@ def run(questions: List[Question], configs: List[Config], out: Path, batch_size:
             todo = [(c, q) for c in group for q in questions
                     if len(q.turns) >= turn and answer_id(c, q, turn) not in records]
             if todo:
-                _answer_turn(bot, todo, turn, records, path, batch_size)
+                _answer_turn(bot, todo, turn, records, path, batch_size, constraint)
     return records
 
 
-def _answer_turn(bot, todo, turn: int, records: Dict[Id, dict], path: Path, batch_size: int) -> None:
+def _answer_turn(bot, todo, turn: int, records: Dict[Id, dict], path: Path, batch_size: int, constraint) -> None:
     """Turn ``turn`` of every (config, question) in ``todo``, in one batched run, each line saved as it ends."""
     requests = []
     for c, q in todo:
         history = [(q.turns[k - 1], records[answer_id(c, q, k)]["text"]) for k in range(1, turn)]
         try:
-            requests.append(bot.request(q.turns[turn - 1], history=history, remember=False, **asdict(c.options)))
+            shape = {"schema": q.schema} if q.schema is not None else {"constraint": constraint}
+            requests.append(bot.request(q.turns[turn - 1], history=history, remember=False, **shape,
+                                        **asdict(c.options)))
         except UrialError as e:
             raise UrialError(f"question {q.id!r}, turn {turn}: {e}") from None
 

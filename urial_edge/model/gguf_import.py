@@ -3,8 +3,8 @@
 The directory holds ``config.json`` for mlx-lm's model class, the weights as
 ``model.safetensors`` (dequantized to float32, optionally re-quantized with
 MLX's own 4/8-bit scheme), ``tokenizer.json`` rebuilt from the GGUF vocabulary,
-``tokenizer_config.json`` with the BOS/EOS behaviour, and ``urial_edge.json``
-describing where it came from.
+``tokenizer_config.json`` with the BOS/EOS behaviour (and the chat template, if
+the file has one), and ``urial_edge.json`` describing where it came from.
 """
 
 import hashlib
@@ -22,7 +22,9 @@ from ..disk.files import atomic_dir
 from ..progress import Progress, optional
 
 SUPPORTED_ARCHITECTURES = ("gemma3", "llama")
-FORMAT_VERSION = 2  # 2: digit-splitting byte-level vocabularies (SmolLM2) tokenize as llama.cpp does
+FORMAT_VERSION = 3  # 2: digit-splitting byte-level vocabularies (SmolLM2) tokenize as llama.cpp does;
+# 3: tokenizer_config.json keeps the GGUF's chat template (tokenizer.chat_template)
+
 # llama.cpp's pre-tokenizer types that cut digits one by one, then apply GPT-2's regex (StarCoder's
 # tokenizer.json layout). transformers' GGUF converter leaves the digit step out, which changes how a run of
 # newlines before a digit is cut; the llama.cpp oracle test caught it on SmolLM2 ("smollm").
@@ -235,6 +237,9 @@ def build_tokenizer(reader, arch: str):
         "eos_token_ids": eos_ids,
         "tokenizer_class": "PreTrainedTokenizerFast",
     }
+    template = _meta(reader, "tokenizer.chat_template")
+    if isinstance(template, str) and template.strip():
+        config["chat_template"] = template  # an instruction-tuned model's own prompt format (runtime/chat_template.py)
     return backend, config
 
 

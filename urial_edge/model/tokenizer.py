@@ -22,6 +22,7 @@ import io
 import itertools
 import json
 import re
+import threading
 import zipfile
 import zlib
 from pathlib import Path
@@ -83,6 +84,11 @@ class Tokenizer:
         self._lazy = None if self._full is not None or not meta["lazy"] else LazyBPE(index, self.neighbours)
         if self._full is None and self._lazy is None:
             self._full = _build_full(_read_bytes(path), path)
+
+    @property
+    def json_path(self) -> Path:
+        """The model's ``tokenizer.json`` (what other tokenizer builders, such as llguidance's, read)."""
+        return self._path
 
     def load_full(self) -> None:
         """Build the whole tokenizer now, for long-lived processes that will see many different texts."""
@@ -417,9 +423,14 @@ class LazyBPE:
         self.kept: set = set()
         self.added_in: list = []
         self.current = self.probe = None
+        self._lock = threading.Lock()  # threads tokenize at once (an Assistant after start())
 
     def tokenizer_for(self, text: str):
         """A tokenizer that encodes ``text`` exactly as the full one does."""
+        with self._lock:
+            return self._tokenizer_for(text)
+
+    def _tokenizer_for(self, text: str):
         normalized = self.base.normalizer.normalize_str(text) if self.base.normalizer is not None else text
         seen = {id(t) for t in self.added_in}
         added = [self.added[k] for k in sorted(self.added_found(text) | self.added_found(normalized))

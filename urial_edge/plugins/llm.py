@@ -11,7 +11,9 @@ tokenizer, prefix KV state) once per (model, prompt, kv_bits) per process.
 Each llm conversation gets a ChatSession, so in ``llm chat`` a turn only
 prefills its own tokens; a conversation llm reloads from its log (``llm -c``)
 is rebuilt from its turns with one prefill. The usage llm logs counts the
-prompt tokens that came from stored KV state as ``cached_tokens``. Needs
+prompt tokens that came from stored KV state as ``cached_tokens``. ``llm
+--schema`` constrains the answer to the schema (structured output,
+``runtime/constraints.py``), so the JSON llm records always parses. Needs
 llm 0.36 or later (``prompt.messages``).
 """
 
@@ -76,6 +78,7 @@ class UrialModel(llm.Model):
     """A base model in the urial-edge store, aligned by a cached URIAL prompt."""
 
     can_stream = True
+    supports_schema = True  # llm passes prompt.schema (a dict): the answer is constrained to it
     Options = _options_class()
 
     def __init__(self, name: str):
@@ -87,6 +90,7 @@ class UrialModel(llm.Model):
         key = (self.name, opts.urial_prompt, opts.kv_bits)
         bot = _assistant(key)
         generation = asdict(with_changes(opts.preset, {n: getattr(opts, n) for n in option_names()}))
+        generation["schema"] = prompt.schema
         system, history, query = _conversation(prompt)
         rebuilt = 0
         if system or conversation is None:

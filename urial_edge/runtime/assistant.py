@@ -31,8 +31,10 @@ from . import prompt as urial
 from . import sessions, validate
 from .answer import Answer, AnswerStream, generation_stream
 from .chat import ChatSession
+from .constraints import DEFAULT_DESCRIBE, pop_constraint, with_description
 from .engine import Engine, Generation, Request, Stats
 from .options import GenerationOptions, with_changes
+from .sampling import check_logprobs
 from .prefix_cache import PrefixCache, load_or_build
 from .state_cache import StateCache
 
@@ -46,7 +48,8 @@ class Assistant:
     def __init__(self, model, config: dict, tokenizer: Tokenizer, model_path: Path, prompt: urial.Prompt,
                  options: GenerationOptions, kv_bits: Optional[int] = None, use_cache: bool = True,
                  progress: Optional[Progress] = None, batch_size: int = DEFAULT_BATCH_SIZE,
-                 max_queued: Optional[int] = None, state_bytes: int = DEFAULT_STATE_BYTES):
+                 max_queued: Optional[int] = None, state_bytes: int = DEFAULT_STATE_BYTES,
+                 engine: Optional[Engine] = None, states: Optional[StateCache] = None):
         self.model = model
         self.config = config
         self.tokenizer = tokenizer
@@ -67,9 +70,10 @@ class Assistant:
                 f"context of {self.context_length}"
             )
         self.progress = progress
-        self.engine = Engine(model, tokenizer, tokenizer.eos_ids, self.context_length, max_active=batch_size,
-                             max_queued=max_queued)
-        self.states = StateCache(state_bytes)
+        self.engine = engine or Engine(model, tokenizer, tokenizer.eos_ids, self.context_length,
+                                       max_active=batch_size, max_queued=max_queued,
+                                       vocab_size=config.get("vocab_size"))
+        self.states = states or StateCache(state_bytes)
         self._prefix: Optional[PrefixCache] = None
         self.shard: Optional[dict] = None  # this rank's part of a split model (distributed/sharding.py)
 
@@ -94,6 +98,17 @@ class Assistant:
                         batch_size, max_queued, state_bytes)
         assistant.shard = shard
         return assistant
+
+    def with_prompt(self, prompt) -> "Assistant":
+        """The same model with another prompt (a name, a file or a ``Prompt``): one copy of the weights and
+        tokenizer, one engine (answers of both prompts decode in the same batches) and one store of
+        conversation states; its own prefix state. A server holding several prompts of a model uses this."""
+        prompt = prompt if isinstance(prompt, urial.Prompt) else urial.load_prompt(prompt)
+        sibling = Assistant(self.model, self.config, self.tokenizer, self.model_path, prompt, self.options,
+                            self.kv_bits, self.use_cache, self.progress, self.batch_size, engine=self.engine,
+                            states=self.states)
+        sibling.shard = self.shard
+        return sibling
 
     # -- the prefix ---------------------------------------------------------
 
@@ -162,27 +177,39 @@ class Assistant:
         return ids[:urial.common_prefix(ids, self.after_prefix(text + urial.PROBE))]
 
     def request(self, query: str, *, history: Sequence[Tuple[str, str]] = (), system: str = "",
-                no_cache: bool = False, remember: Optional[bool] = None, **options) -> Request:
+                no_cache: bool = False, remember: Optional[bool] = None, logprobs: Optional[int] = None,
+                describe: str = DEFAULT_DESCRIBE, **options) -> Request:
         """The engine request for a query: tokens, starting state and options (checked, not yet queued).
 
         ``remember`` (default: when there is a history or a system text) keeps the state after the
-        prompt in memory, so that a follow-up of this conversation starts from it.
+        prompt in memory, so that a follow-up of this conversation starts from it. ``logprobs``
+        (0-20) records each token's log-probability and that many likeliest alternatives
+        (``Answer.logprobs``). ``schema``, ``regex``, ``choice`` or ``grammar`` (or a ``constraint``
+        made by ``constraints.make``) constrain the answer, and ``Answer.value`` holds what it means;
+        ``describe`` puts a schema's field descriptions in the ``"query"``, the ``"system"`` text,
+        ``"both"`` or ``"none"``.
         """
         started = time.perf_counter()
         query = self.check_query(query)
-        system = validate.text(system, "the system text")
+        system = validate.text(system or "", "the system text")
         for q, a in history:
             validate.text(q, "a query of the history")
             validate.text(a, "an answer of the history")
-        text = (urial.render_system(system) if system.strip() else "") + urial.render_history(history, query)
+        constraint = pop_constraint(options)
+        remember = remember if remember is not None else bool(history or system)
+        query, system = with_description(constraint, describe, query, system)
+        text = (urial.render_system(system) if system and system.strip() else "") + \
+            urial.render_history(history, query)
         rest = self.after_prefix(text, used=len(self.prefix_ids))
-        opts = self._options(options)
+        opts, logprobs = self._options(options), check_logprobs(logprobs)
         if no_cache or not self.use_cache:
-            return Request(self.prefix_ids + rest, None, (), opts, started=started)
+            return Request(self.prefix_ids + rest, None, (), opts, logprobs=logprobs, constraint=constraint,
+                           started=started)
         prefix = self.prefix
         stats = Stats(cache_hit=prefix.hit, cached_tokens=len(prefix.tokens))
-        if not (remember if remember is not None else history or system):
-            return Request(rest, prefix.fresh(), prefix.tokens, opts, stats=stats, started=started)
+        if not remember:
+            return Request(rest, prefix.fresh(), prefix.tokens, opts, logprobs=logprobs, constraint=constraint,
+                           stats=stats, started=started)
         # a conversation: start from the longest state stored for it, and store this one's
         ids = list(prefix.tokens) + rest
         n, state = self.states.longest_prefix(ids, at_least=len(prefix.tokens))
@@ -190,7 +217,8 @@ class Assistant:
             n, state = len(prefix.tokens), prefix.fresh()
         stats.cached_tokens = n
         store = (lambda s: self.states.put(ids[:-1], s)) if len(ids) - n > 1 else None
-        return Request(ids[n:], state, ids[:n], opts, on_prefilled=store, stats=stats, started=started)
+        return Request(ids[n:], state, ids[:n], opts, on_prefilled=store, logprobs=logprobs, constraint=constraint,
+                       stats=stats, started=started)
 
     def submit(self, request: Request) -> AnswerStream:
         """Queue a request (see :meth:`request`) and return its stream."""
@@ -209,18 +237,25 @@ class Assistant:
 
     def ask(self, query: str, *, history: Sequence[Tuple[str, str]] = (), system: str = "",
             no_cache: bool = False, **options) -> Answer:
-        """Answer ``query`` (greedy by default) and return the text with stats."""
+        """Answer ``query`` (greedy by default) and return the text with stats.
+
+        ``schema=`` (a JSON Schema: a dict, its JSON text or a pydantic model class), ``regex=``,
+        ``choice=`` (a list of strings) or ``grammar=`` (Lark or GBNF text) constrain the answer;
+        ``Answer.value`` is then the parsed JSON (or the text), None if the answer did not complete.
+        """
         return self.stream(query, history=history, system=system, no_cache=no_cache, **options).finish()
 
-    def complete(self, text: str, **options) -> AnswerStream:
+    def complete(self, text: str, *, logprobs: Optional[int] = None, **options) -> AnswerStream:
         """A raw continuation of ``text`` (no URIAL frame), reusing any stored state it extends."""
         if not validate.text(text, "the text to complete"):
             raise UrialError("the text to complete is empty")
         ids = self.encode_within(text, 0, bos=True)
         n, state = self.states.longest_prefix(ids)
         stats = Stats(cache_hit=state is not None, cached_tokens=n)
+        constraint = pop_constraint(options)
         opts = self.options.replace(stop=()).replace(**options)
-        return self.submit(Request(ids[n:], state, ids[:n], opts, framed=False, stats=stats))
+        return self.submit(Request(ids[n:], state, ids[:n], opts, framed=False, logprobs=check_logprobs(logprobs),
+                                   constraint=constraint, stats=stats))
 
     def batch(self, queries: Iterable[str], *, batch_size: Optional[int] = None, no_cache: bool = False,
               **options) -> Iterator[Answer]:

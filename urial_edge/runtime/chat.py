@@ -10,8 +10,10 @@ from ..log import warn
 from . import prompt as urial
 from . import sessions
 from .answer import Answer, AnswerStream, generation_stream
+from .constraints import DEFAULT_DESCRIBE, pop_constraint, with_description
 from .engine import Request, Stats
 from .kv_state import check_fits, copy_cache, prefill
+from .sampling import check_logprobs
 
 
 class ChatSession:
@@ -53,16 +55,25 @@ class ChatSession:
         """Canonical ids of the finished turns that the state does not hold yet."""
         return self.conversation_ids()[len(self.ids):]
 
-    def stream(self, message: str, **options) -> AnswerStream:
-        """Send ``message``; iterate for the answer's pieces. The turn is recorded when it ends."""
+    def stream(self, message: str, *, logprobs: Optional[int] = None, describe: str = DEFAULT_DESCRIBE,
+               **options) -> AnswerStream:
+        """Send ``message``; iterate for the answer's pieces. The turn is recorded when it ends.
+
+        A constraint (``schema=``, ``regex=``, ``choice=``, ``grammar=``, see ``Assistant.request``) applies to
+        this answer; a schema's field descriptions go with the message (a chat has no system text), and the
+        turn is recorded as the message itself.
+        """
         a = self.assistant
         started = time.perf_counter()
         message = a.check_query(message)
-        new_ids = self.conversation_ids(urial.render_turn(message), fit=True)[len(self.ids):]
+        constraint = pop_constraint(options)
+        shown, _ = with_description(constraint, "query" if describe in ("system", "both") else describe, message, "")
+        new_ids = self.conversation_ids(urial.render_turn(shown), fit=True)[len(self.ids):]
         a._fit(len(self.ids), len(new_ids))
         stats = Stats(cache_hit=a.prefix.hit, cached_tokens=len(self.ids))
         seq = a.engine.submit(Request(new_ids, self.state, self.ids, a._options(options), keep_state=True,
-                                      stats=stats, started=started))
+                                      logprobs=check_logprobs(logprobs), constraint=constraint, stats=stats,
+                                      started=started))
 
         def record(answer: Answer) -> None:
             if answer.finish_reason in ("stop", "length") and seq.state is not None:

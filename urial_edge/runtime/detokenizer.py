@@ -9,6 +9,9 @@
   only the few characters that may begin one.
 - :class:`AnswerText` applies the URIAL frame to a base model's continuation:
   the answer ends at its closing fence or at a new ``# Query:``, and is trimmed.
+  A constrained answer ends where its grammar does instead (the engine says
+  when): no stop string cuts it, nothing is trimmed, and the closing fence that
+  its grammar ends with in the frame is held back and left out.
 """
 
 from typing import Collection, List, Optional, Sequence
@@ -50,32 +53,37 @@ class StreamingDetokenizer:
 
 
 class StopMatcher:
-    """Finds stop strings in streamed text, holding back text that may begin one."""
+    """Finds stop strings in streamed text, holding back text that may begin one.
 
-    def __init__(self, stops: Sequence[str]):
+    With ``anywhere=False`` a stop string counts only at the very end of the text (the closing fence of a
+    constrained answer, whose grammar may produce that text inside the answer too): :meth:`feed` only holds
+    back what may begin it, and :meth:`flush` drops it if the text ends with it.
+    """
+
+    def __init__(self, stops: Sequence[str], anywhere: bool = True):
         self.stops = [s for s in stops if s]
-        self.longest = max((len(s) for s in self.stops), default=0)
+        self.anywhere = anywhere
         self.buffer = ""
         self.stopped = False
 
     def feed(self, piece: str) -> str:
         """Add a piece of text; return the part that is safe to emit."""
         self.buffer += piece
-        cut = min((i for i in (self.buffer.find(s) for s in self.stops) if i >= 0), default=-1)
+        cut = min((i for i in (self.buffer.find(s) for s in self.stops) if i >= 0), default=-1) \
+            if self.anywhere else -1
         if cut >= 0:
             self.stopped = True
             out, self.buffer = self.buffer[:cut], ""
             return out
-        tail = self.buffer[-self.longest:] if self.longest else ""
-        hold = max((k for s in self.stops for k in range(1, min(len(s), len(tail) + 1))
-                    if tail.endswith(s[:k])), default=0)
+        hold = max((k for s in self.stops for k in range(1, min(len(s), len(self.buffer)) + 1)
+                    if self.buffer.endswith(s[:k])), default=0)
         out = self.buffer[:len(self.buffer) - hold]
         self.buffer = self.buffer[len(out):]
         return out
 
     def flush(self) -> str:
         out, self.buffer = self.buffer, ""
-        return out
+        return "" if not self.anywhere and out in self.stops else out
 
 
 class AnswerText:
@@ -85,14 +93,19 @@ class AnswerText:
     block's closing fence or a new query header (or right away if the model
     closes the block at once), and leading and trailing whitespace is trimmed.
     Otherwise it is raw text that stops only at EOS or the caller's stops.
+    ``constrained``: a grammar decides where the answer ends (see the module).
     """
 
-    def __init__(self, tokenizer, eos_ids: Collection[int], stops: Sequence[str] = (), framed: bool = True):
+    def __init__(self, tokenizer, eos_ids: Collection[int], stops: Sequence[str] = (), framed: bool = True,
+                 constrained: bool = False):
         self.detokenizer = StreamingDetokenizer(tokenizer)
         self.eos_ids = eos_ids
-        self.framed = framed
-        self.matcher = StopMatcher((urial.STOP_STRINGS if framed else ()) + tuple(stops))
-        self.at_start = framed  # nothing shown yet: strip leading whitespace, watch for an empty block
+        self.framed = framed and not constrained
+        if constrained:
+            self.matcher = StopMatcher(("\n" + urial.FENCE,) if framed else (), anywhere=False)
+        else:
+            self.matcher = StopMatcher((urial.STOP_STRINGS if framed else ()) + tuple(stops))
+        self.at_start = self.framed  # nothing shown yet: strip leading whitespace, watch for an empty block
         self.head = ""  # the raw text while at_start
         self.finish_reason: Optional[str] = None  # "stop" once the text has ended by itself
 

@@ -9,7 +9,7 @@ import json
 from typing import Iterator, List, Optional, Tuple
 
 from ..errors import UrialError
-from ..runtime.answer import Answer, AnswerStream
+from ..runtime.answer import Answer, AnswerStream, constrained_value
 from ..runtime.engine import Stats
 
 READ_TIMEOUT = 300.0  # between two chunks of a streamed answer (a busy server queues requests)
@@ -57,18 +57,23 @@ def _chunks(conn, response) -> Iterator[dict]:
         conn.close()
 
 
-def chat_body(messages: List[dict], options) -> dict:
-    """The request body for ``messages`` with every generation option (see options.py)."""
-    return {"messages": messages, **options.to_json()}
+def chat_body(messages: List[dict], options, model: Optional[str] = None, constraint=None) -> dict:
+    """The request body for ``messages`` with every generation option (see options.py) and the constraint,
+    for ``model`` (``name`` or ``name:prompt``; None: the server's default)."""
+    return {"messages": messages, **options.to_json(), **({"model": model} if model else {}),
+            **({"response_format": constraint.response_format()} if constraint is not None else {})}
 
 
-def remote_stream(info: dict, messages: List[dict], options, on_done=None):
-    """An ``AnswerStream`` of a server's answer to ``messages`` (the request is sent now)."""
+def remote_stream(info: dict, messages: List[dict], options, on_done=None, constraint=None):
+    """An ``AnswerStream`` of a server's answer to ``messages`` (the request is sent now) from the model
+    and prompt the server's record named (``info["request_model"]``)."""
     final: dict = {}
-    chunks = stream_chat(info, chat_body(messages, options))
+    chunks = stream_chat(info, chat_body(messages, options, info.get("request_model"), constraint))
 
     def pieces() -> Iterator[str]:
         for chunk in chunks:
+            if "error" in chunk:  # the server ended the stream early (it is stopping, or generation failed)
+                raise UrialError(f"the server stopped the answer: {chunk['error'].get('message')}")
             choice = chunk["choices"][0]
             piece = choice.get("delta", {}).get("content") or ""
             if piece:
@@ -79,10 +84,12 @@ def remote_stream(info: dict, messages: List[dict], options, on_done=None):
     def result(text: str) -> Answer:
         known = {k: v for k, v in final.get("stats", {}).items() if k in Stats.__dataclass_fields__}
         tokens = final.get("usage", {}).get("completion_tokens", 0)
-        return Answer(text, tokens, final["choices"][0]["finish_reason"], Stats(**known), [],
-                      final.get("options") or {}, f"{info['host']}:{info['port']}")
+        reason = final["choices"][0]["finish_reason"]
+        return Answer(text, tokens, reason, Stats(**known), [], final.get("options") or {},
+                      f"{info['host']}:{info['port']}", constrained=constraint is not None,
+                      value=constrained_value(constraint, text, reason))
 
-    return AnswerStream(pieces(), result, on_done)
+    return AnswerStream(pieces(), result, on_done, strip=constraint is None)
 
 
 class RemoteChat:
@@ -98,9 +105,9 @@ class RemoteChat:
     def save(self, name: Optional[str] = None):
         raise UrialError("this chat runs in a server; use --session (or --no-daemon) for sessions saved to disk")
 
-    def stream(self, message: str):
+    def stream(self, message: str, constraint=None):
         messages = [m for q, a in self.turns for m in ({"role": "user", "content": q},
                                                         {"role": "assistant", "content": a})]
         messages.append({"role": "user", "content": message})
-        return remote_stream(self.info, messages, self.options,
+        return remote_stream(self.info, messages, self.options, constraint=constraint,
                              on_done=lambda answer: self.turns.append((message, answer.text)))

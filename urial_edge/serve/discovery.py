@@ -1,19 +1,25 @@
 """Finding, checking and stopping running ``urial-edge serve`` processes.
 
-Each server writes a record ``servers/<key>-<port>.json`` (``key``: the model
-and prompt) with its PID, the process's start time as the OS reports it, its
-port and a random token that its ``/health`` endpoint repeats. A record is
-trusted only when both agree: PIDs are reused (after a reboot, say), so a live
-PID alone never makes a record ours. ``serve --stop`` signals only a verified
-own process; ``ask`` and ``chat`` use a server only if it answers ``/health``
-with the right token within :data:`HEALTH_TIMEOUT` seconds, and otherwise answer
+Each server writes a record ``servers/<key>-<port>.json`` (``key``: its default
+model and prompt; readable by its owner only) with its PID, the process's start
+time as the OS reports it, its port, a random token, and the models (by
+directory) and prompts (by the digest of their rendered prefix) it can serve. A
+record is trusted only when the process and the server agree: PIDs are reused
+(after a reboot, say), so a live PID alone never makes a record ours, and the
+server must prove it holds the token: ``/health`` answers a random challenge
+with its HMAC under the token (:func:`proof`), so the token itself never crosses
+the wire and a server with an API key needs no key for it. ``serve --stop``
+signals only a verified own process; ``ask`` and ``chat`` use a server only if
+it proves itself within :data:`HEALTH_TIMEOUT` seconds, and otherwise answer
 in-process. Several servers can be recorded at once.
 """
 
 import hashlib
+import hmac
 import http.client
 import json
 import os
+import secrets
 import signal
 import subprocess
 import sys
@@ -25,10 +31,21 @@ from ..disk.paths import servers_dir
 
 DEFAULT_PORT = 8412
 HEALTH_TIMEOUT = 2.0
+CHALLENGE_HEADER = "X-Urial-Edge-Challenge"
 
 
 def server_key(model_path: Path, prefix_text: str) -> str:
     return hashlib.sha256(f"{Path(model_path).resolve()}\n{prefix_text}".encode()).hexdigest()[:16]
+
+
+def prefix_digest(prefix_text: str) -> str:
+    """How a record names a prompt: the digest of its rendered prefix (the same text, the same prompt)."""
+    return hashlib.sha256(prefix_text.encode()).hexdigest()[:16]
+
+
+def proof(token: str, challenge: str) -> str:
+    """What a server answers to a challenge: an HMAC of it under its record's token."""
+    return hmac.new(token.encode(), challenge.encode("utf-8", "replace"), hashlib.sha256).hexdigest()
 
 
 def process_start(pid: int) -> Optional[str]:
@@ -55,14 +72,15 @@ def write_record(info: dict) -> Path:
     """Record this process as a server (``info`` has host, port, token, model, prompt, ...)."""
     record = servers_dir() / f"{info['key']}-{info['port']}.json"
     write_text_atomic(record, json.dumps({**info, "pid": os.getpid(), "process_start": process_start(os.getpid())}))
+    os.chmod(record, 0o600)  # the token is the owner's
     return record
 
 
-def health(info: dict, timeout: float = HEALTH_TIMEOUT) -> Optional[dict]:
+def health(info: dict, timeout: float = HEALTH_TIMEOUT, challenge: Optional[str] = None) -> Optional[dict]:
     """The server's ``/health`` answer, or None if it does not answer in time."""
     try:
         conn = http.client.HTTPConnection(info["host"], info["port"], timeout=timeout)
-        conn.request("GET", "/health")
+        conn.request("GET", "/health", headers={CHALLENGE_HEADER: challenge} if challenge else {})
         response = conn.getresponse()
         data = json.loads(response.read() or b"{}")
         conn.close()
@@ -81,8 +99,10 @@ def check(info: dict, timeout: float = HEALTH_TIMEOUT) -> str:
         return "stale"  # the PID belongs to another process now
     if started is not None and now is None and not _alive(pid):
         return "stale"
-    answer = health(info, timeout)
-    if answer is not None and answer.get("token") == info.get("token") and answer.get("pid") == pid:
+    challenge = secrets.token_hex(16)
+    answer = health(info, timeout, challenge)
+    if answer is not None and hmac.compare_digest(str(answer.get("proof", "")),
+                                                  proof(str(info.get("token", "")), challenge)):
         return "ok"
     if started is not None and now == started:
         return "silent"
@@ -126,16 +146,20 @@ def running_servers() -> List[dict]:
 
 
 def find_server(model_path: Path, prefix_text: str, kv_bits: Optional[int]) -> Tuple[Optional[dict], List[dict]]:
-    """A verified, answering server for this model, prompt and KV precision (without an API key), and
-    the records of our own servers for it that do not answer (stopped or hung)."""
+    """A verified, answering server (without an API key) that serves this model and prompt with this KV
+    precision, whichever model it was started with (one started with it first); and the records of our own
+    servers for it that do not answer (stopped or hung). The info found has ``request_model``: the
+    ``model:prompt`` name to send."""
+    path, digest = str(Path(model_path).resolve()), prefix_digest(prefix_text)
     key = server_key(model_path, prefix_text)
+    candidates = [(f, info) for f, info in records()
+                  if path in (info.get("models") or {}) and digest in (info.get("prompts") or {})
+                  and not info.get("api_key") and info.get("kv_bits") == kv_bits]
     silent = []
-    for f, info in records():
-        if info.get("key") != key or info.get("api_key") or info.get("kv_bits") != kv_bits:
-            continue
+    for f, info in sorted(candidates, key=lambda c: c[1].get("key") != key):
         state = check(info)
         if state == "ok":
-            return info, silent
+            return {**info, "request_model": f"{info['models'][path]}:{info['prompts'][digest]}"}, silent
         if state == "stale":
             f.unlink(missing_ok=True)
         else:

@@ -19,9 +19,9 @@ def launch(args: List[str], env: Optional[dict] = None, timeout: float = 300) ->
     deadline = time.time() + timeout
     while time.time() < deadline:
         line = proc.stderr.readline()
-        found = re.search(r"on http://([\d.]+):(\d+)/v1", line or "")
+        found = re.search(r"on http://(\[[^\]]+\]|[^:/\s]+):(\d+)/v1", line or "")
         if found:
-            return proc, {"host": found.group(1), "port": int(found.group(2))}
+            return proc, {"host": found.group(1).strip("[]"), "port": int(found.group(2))}
         if not line and proc.poll() is not None:
             raise UrialError(f"the server exited: {proc.stderr.read().strip()[-300:]}")
     proc.kill()

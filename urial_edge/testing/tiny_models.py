@@ -35,7 +35,7 @@ def write_byte_tokenizer(path: Path, gpt2_split: bool = False) -> None:
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
     vocab = {"<pad>": 0, "<eos>": 1, "<bos>": 2}
-    for ch in pre_tokenizers.ByteLevel.alphabet():
+    for ch in sorted(pre_tokenizers.ByteLevel.alphabet()):  # (the library gives them in a random order)
         vocab[ch] = len(vocab)
     merges = []
     if gpt2_split:
