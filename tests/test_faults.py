@@ -243,12 +243,14 @@ def free_port():
 
 
 def plant_record(home, model, prompt_file, pid, **extra):
+    """The record a server for ``model`` and ``prompt_file`` would write, under ``pid``."""
     from urial_edge.runtime.prompt import load_prompt, render_prefix
-    from urial_edge.serve.discovery import server_key
+    from urial_edge.serve.discovery import prefix_digest, server_key
 
-    port = free_port()
-    info = {"key": server_key(Path(model), render_prefix(load_prompt(prompt_file))), "host": "127.0.0.1",
+    port, prefix = free_port(), render_prefix(load_prompt(prompt_file))
+    info = {"key": server_key(Path(model), prefix), "host": "127.0.0.1",
             "port": port, "token": "t0ken", "model": str(model), "prompt": "tiny", "kv_bits": None,
+            "models": {str(Path(model).resolve()): Path(model).name}, "prompts": {prefix_digest(prefix): "tiny"},
             "api_key": False, "pid": pid, "process_start": "someone else's start", **extra}
     folder = home / "servers"
     folder.mkdir(parents=True, exist_ok=True)
