@@ -6,8 +6,7 @@ import pytest
 
 from conftest import openai_client, raw, wait_until
 
-ollama = pytest.importorskip("ollama")
-openai = pytest.importorskip("openai")
+import ollama
 
 
 @pytest.fixture

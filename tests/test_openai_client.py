@@ -8,7 +8,7 @@ import pytest
 
 from conftest import openai_client as client, raw
 
-openai = pytest.importorskip("openai")
+import openai
 
 
 @pytest.fixture

@@ -15,7 +15,7 @@ import pytest
 
 from conftest import TINY_PROMPT as PROMPT, raw, running_server, start_server
 
-openai = pytest.importorskip("openai")
+import openai
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, tiny_gemma):
