@@ -2,11 +2,11 @@
 
 import time
 
+import ollama
 import pytest
 
 from conftest import openai_client, raw, wait_until
 
-import ollama
 
 
 @pytest.fixture

@@ -11,11 +11,11 @@ import sys
 import threading
 import time
 
+import openai
 import pytest
 
 from conftest import TINY_PROMPT as PROMPT, raw, running_server, start_server
 
-import openai
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, tiny_gemma):
