@@ -1,6 +1,7 @@
 """Token distribution shift on the bundled model: how fast answers are scored, and how shifted they are.
 
     python benchmarks/bench_shift.py [--runs DIR] [--speed-answers 8] [--repeats 3] [--skip-speed]
+                                     [--every K] [--aligned-max-tokens 512]
 
 (a) Speed: the first ``--speed-answers`` of our reference answers (benchmarks/eval/references.jsonl) under
     urial-k4-direct, answer tokens scored per second by three paths, in turns, best of ``--repeats``:
@@ -11,7 +12,11 @@
 (b) The shares under no prefix (``none``), urial-k0, urial-k1, urial-k3 and urial-k4-direct, on our 60
     reference answers: ``urial-edge shift -p none -p urial-k0 ... -o DIR/references``.
 (c) The same for SmolLM2-135M-Instruct's own answers to the same 60 queries (greedy, through its chat
-    template, at most 512 tokens, re-tokenized for Gemma): ``... --aligned-model SmolLM2.gguf -o DIR/smollm2``.
+    template, at most ``--aligned-max-tokens`` tokens, re-tokenized for Gemma):
+    ``... --aligned-model SmolLM2.gguf -o DIR/smollm2``.
+
+``--every K`` (b and c) takes every K-th of the 60 queries (1st, K+1st, ...; written to DIR/queries.jsonl), so
+that a slow machine can cover every category with less work; K=1 (the default) takes them all.
 
 The full reports (resumable; tokens.html shows every answer) go to DIR; the figures to
 results/shift.{json,md,png}.
@@ -79,10 +84,23 @@ def speed(n_answers: int, repeats: int) -> list:
             for name, _ in paths]
 
 
-def shares(runs: Path) -> tuple:
+def queries(runs: Path, every: int) -> Path:
+    """Our references, or every ``every``-th of them (copied line for line)."""
+    source = shift.default_references()
+    if every == 1:
+        return source
+    lines = [line for line in source.read_text(encoding="utf-8").splitlines() if line.strip()][::every]
+    runs.mkdir(parents=True, exist_ok=True)
+    (runs / "queries.jsonl").write_text("".join(line + "\n" for line in lines), encoding="utf-8")
+    return runs / "queries.jsonl"
+
+
+def shares(runs: Path, every: int, max_tokens: int) -> tuple:
     """Reports (b) and (c)."""
-    references = shift.analyse(None, runs / "references", None, CONDITIONS)
-    smollm2 = shift.analyse(None, runs / "smollm2", None, CONDITIONS, aligned=str(smollm2_gguf()), max_tokens=512)
+    source = queries(runs, every)
+    references = shift.analyse(source, runs / "references", None, CONDITIONS)
+    smollm2 = shift.analyse(source, runs / "smollm2", None, CONDITIONS, aligned=str(smollm2_gguf()),
+                            max_tokens=max_tokens)
     return references, smollm2
 
 
@@ -120,17 +138,17 @@ def chart(speed_rows: list, references: dict, smollm2: dict) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 3 if speed_rows else 2, figsize=(15 if speed_rows else 11, 3.8))
-    for ax, (title, report) in zip(axes, (("our 60 reference answers", references),
+    for ax, (title, report) in zip(axes, ((f"our {references['answers']['count']} reference answers", references),
                                           ("SmolLM2-135M-Instruct's answers", smollm2))):
         share_bars(ax, report["conditions"])
         ax.set_title(f"Gemma 3 270M base on {title}", fontsize=10)
-    axes[0].legend(loc="lower left", fontsize="small")
+    axes[0].legend(loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=3, fontsize="small")  # off the bars
     if speed_rows:
         ax = axes[2]
         ax.barh(range(len(speed_rows)), [r["tokens/s"] for r in speed_rows], color="#5b7bd5")
         ax.set_yticks(range(len(speed_rows)), [r["path"] for r in speed_rows])
         ax.invert_yaxis()
-        ax.set_xlabel("answer tokens scored per second (best of the turns)")
+        ax.set_xlabel("answer tokens/s (best of the turns)")
         ax.set_title("Scoring speed (urial-k4-direct)", fontsize=10)
     fig.tight_layout()
     fig.savefig(RESULTS / "shift.png", dpi=110)
@@ -143,18 +161,27 @@ def main() -> None:
     parser.add_argument("--speed-answers", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--skip-speed", action="store_true")
+    parser.add_argument("--every", type=int, default=1, help="Shares on every K-th of the 60 queries only.")
+    parser.add_argument("--aligned-max-tokens", type=int, default=512, help="Most tokens of each SmolLM2 answer.")
     args = parser.parse_args()
+    if args.every < 1:
+        parser.error("--every must be at least 1")
     speed_rows = [] if args.skip_speed else speed(args.speed_answers, args.repeats)
-    references, smollm2 = shares(args.runs)
+    references, smollm2 = shares(args.runs, args.every, args.aligned_max_tokens)
     rows = share_rows(references, "our references") + share_rows(smollm2, "SmolLM2-135M-Instruct")
     m = machine()
+    ids = references["conditions"][0]["per_answer"]
     notes = (f"Gemma 3 270M base (float32), written by benchmarks/bench_shift.py on {m['date']} ({m['platform']}, "
              f"{m['cpus']} CPUs, BLAS {m['blas']}). Each answer token is ranked in the base model's next-token "
              "distribution (teacher forcing): unshifted = rank 1, marginal = rank 2-3, shifted = rank above 3 "
              "(ties do not count against a token). `none` is the bare query in the URIAL frame (BOS, the query "
              "block, the opening of the answer block). SmolLM2's answers were generated greedily through its chat "
-             "template and re-tokenized with Gemma's tokenizer (no KL: the vocabularies differ).\n\n"
-             + (f"## Scoring speed\n\n{speed_table(speed_rows)}\n\nTokens fed: what the model body runs over "
+             f"template (at most {args.aligned_max_tokens} tokens) and re-tokenized with Gemma's tokenizer (no KL: the "
+             "vocabularies differ). Queries: "
+             + ("all 60 of our question set's first turns" if args.every == 1 else
+                f"1 in {args.every} of our 60 (ids {', '.join(str(a['id']) for a in ids)})")
+             + ".\n\n"
+             + (f"## Scoring speed\n\n{speed_table(speed_rows)}\n\nBest of {args.repeats} turns. Tokens fed: what the model body runs over "
                 "(plain: the prefix every time; batch 8: the padding too). The machine was shared with other "
                 "jobs while this ran: read the rates as rough figures.\n\n" if speed_rows else "")
              + f"## Most frequent shifted tokens, our references\n\n{top_table(references)}\n\n"

@@ -2,12 +2,11 @@
 
 import time
 
+import ollama
 import pytest
 
 from conftest import openai_client, raw, wait_until
 
-ollama = pytest.importorskip("ollama")
-openai = pytest.importorskip("openai")
 
 
 @pytest.fixture

@@ -4,11 +4,11 @@ cached tokens, the streaming helpers, and an HTTP answer (never a dropped connec
 
 import json
 
+import openai
 import pytest
 
 from conftest import openai_client as client, raw
 
-openai = pytest.importorskip("openai")
 
 
 @pytest.fixture

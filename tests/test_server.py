@@ -10,11 +10,11 @@ import subprocess
 import sys
 import threading
 
+import openai
 import pytest
 
 from conftest import TINY_PROMPT as PROMPT, raw, running_server, start_server, wait_until
 
-openai = pytest.importorskip("openai")
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, tiny_gemma):
@@ -122,7 +122,7 @@ def test_the_openai_parse_helper_gets_a_pydantic_object(server):
 
     completions = client(server).chat.completions
     parse = getattr(completions, "parse", None) or client(server).beta.chat.completions.parse
-    done = parse(model="tiny", messages=[{"role": "user", "content": "Describe a pet."}], response_format=Pet,
+    done = parse(model=server["model"].name, messages=[{"role": "user", "content": "Describe a pet."}], response_format=Pet,
                  max_tokens=200)
     message = done.choices[0].message
     assert done.choices[0].finish_reason == "stop" and isinstance(message.parsed, Pet)
@@ -131,8 +131,8 @@ def test_the_openai_parse_helper_gets_a_pydantic_object(server):
 
 def test_response_formats_on_both_endpoints_streamed_or_not(server):
     def ask(**kw):
-        return client(server).chat.completions.create(model="tiny", messages=[{"role": "user", "content": "How?"}],
-                                                      **kw)
+        return client(server).chat.completions.create(model=server["model"].name,
+                                                      messages=[{"role": "user", "content": "How?"}], **kw)
 
     schema = {"type": "json_schema", "json_schema": {"name": "numbers", "schema": NUMBERS}}
     whole = ask(response_format=schema, max_tokens=100).choices[0]
@@ -142,7 +142,7 @@ def test_response_formats_on_both_endpoints_streamed_or_not(server):
     assert "".join(pieces) == whole.message.content
     anything = ask(response_format={"type": "json_object"}, max_tokens=300).choices[0]
     assert anything.finish_reason == "length" or isinstance(json.loads(anything.message.content), dict)
-    text = client(server).completions.create(model="tiny", prompt="Code:", max_tokens=20,
+    text = client(server).completions.create(model=server["model"].name, prompt="Code:", max_tokens=20,
                                              extra_body={"response_format": {"type": "regex", "regex": "[A-Z]{3}"}})
     assert re.fullmatch("[A-Z]{3}", text.choices[0].text) and text.choices[0].finish_reason == "stop"
     picked = ask(max_tokens=20, response_format={"type": "choice", "choice": ["light", "heavy"]})
