@@ -9,6 +9,7 @@ import http.client
 import json
 import os
 import shutil
+import socket
 import time
 from pathlib import Path
 
@@ -232,3 +233,17 @@ def make_tiny_gguf(path: Path, seed: int = 0, layers: int = 2, chat_template: st
     w.write_tensors_to_file()
     w.close()
     return path
+
+
+def open_stream(info: dict, body: dict, path: str = "/v1/chat/completions", first: bytes = b"data: ",
+                timeout: float = 60) -> socket.socket:
+    """A raw streaming request, returned once ``first`` (SSE's first event; b'{' for NDJSON) has arrived:
+    the answer is then running on the server."""
+    data = json.dumps(body).encode()
+    sock = socket.create_connection((info["host"], info["port"]), timeout=timeout)
+    sock.sendall(f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                 f"Content-Length: {len(data)}\r\n\r\n".encode() + data)
+    got = b""
+    while first not in got.partition(b"\r\n\r\n")[2]:
+        got += sock.recv(4096)
+    return sock

@@ -15,12 +15,11 @@ import http.client
 import json
 import os
 import re
-import socket
 from pathlib import Path
 
 import pytest
 
-from conftest import TINY_PROMPT, running_server, start_server, stop_server, wait_until
+from conftest import TINY_PROMPT, open_stream, running_server, start_server, stop_server, wait_until
 from urial_edge.serve import static
 
 # Debian's chromium; URIAL_EDGE_CHROMIUM points at another Chromium or Chrome (e.g. a CI runner's own)
@@ -358,19 +357,6 @@ def test_model_output_cannot_inject_markup(new_page, tmp_path_factory, models):
         assert not page.dialogs
 
 
-def start_long_answer(server, max_tokens=4096):
-    """A streaming answer from another client, running once its first event has arrived."""
-    body = json.dumps({"messages": [{"role": "user", "content": "Go on."}], "max_tokens": max_tokens,
-                       "stream": True}).encode()
-    sock = socket.create_connection((server["host"], server["port"]), timeout=60)
-    sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                 + f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
-    data = b""
-    while b"data: " not in data:
-        data += sock.recv(4096)
-    return sock
-
-
 def idle(server):
     h = health(server)
     return h if h["active"] == 0 and h["waiting"] == 0 else None
@@ -410,7 +396,8 @@ def test_server_errors_show_in_the_conversation_and_the_composer_recovers(new_pa
 
     wait_until(lambda: idle(narrow), what="an idle server")
     page = open_page(new_page, narrow)
-    long = start_long_answer(narrow)  # the only slot is taken and nothing may wait: 429
+    long = open_stream(narrow, {"messages": [{"role": "user", "content": "Go on."}], "max_tokens": 4096,
+                                 "stream": True})  # the only slot is taken and nothing may wait: 429
     try:
         ask(page, "Are you busy?")
         error = page.locator(".message.error")

@@ -14,7 +14,8 @@ import threading
 
 import pytest
 
-from conftest import TINY_PROMPT, multi_model_server, raw, running_server, start_server, stop_server, wait_until
+from conftest import (TINY_PROMPT, multi_model_server, open_stream, raw, running_server, start_server, stop_server,
+                      wait_until)
 
 DEADLINE = 60.0  # generous: these wait for a condition, they do not time anything
 
@@ -140,25 +141,15 @@ def test_ipv6_loopback_with_a_key_lower_case_bearer_and_no_secrets_in_health(tmp
 LONG = "Count to ten."  # on the tiny llama model this greedy answer runs to about 1,900 tokens
 
 
-def open_stream(server, path, body) -> socket.socket:
-    data = json.dumps(body).encode()
-    sock = socket.create_connection((server["host"], server["port"]), timeout=DEADLINE)
-    sock.sendall(f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                 f"Content-Length: {len(data)}\r\n\r\n".encode() + data)
-    got = b""
-    while b"\r\n\r\n" not in got or not got.partition(b"\r\n\r\n")[2]:
-        got += sock.recv(4096)
-    return sock
-
-
 def test_sigterm_ends_every_answer_with_a_final_event(tmp_path, tiny_llama):
     prompt = tmp_path / "tiny.toml"
     prompt.write_text(TINY_PROMPT)
     proc, host, port = start_server(tmp_path / "home", tiny_llama, prompt)
     server = {"host": host, "port": port}
     messages = [{"role": "user", "content": LONG}]
-    sse = open_stream(server, "/v1/chat/completions", {"messages": messages, "max_tokens": 4096, "stream": True})
-    ndjson = open_stream(server, "/api/chat", {"messages": messages, "options": {"num_predict": 4096}})
+    sse = open_stream(server, {"messages": messages, "max_tokens": 4096, "stream": True}, timeout=DEADLINE)
+    ndjson = open_stream(server, {"messages": messages, "options": {"num_predict": 4096}}, "/api/chat", b"{",
+                         DEADLINE)
     plain = {}
 
     def whole():

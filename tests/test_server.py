@@ -13,7 +13,7 @@ import threading
 import openai
 import pytest
 
-from conftest import TINY_PROMPT as PROMPT, raw, running_server, start_server, wait_until
+from conftest import TINY_PROMPT as PROMPT, open_stream, raw, running_server, start_server, wait_until
 
 
 @pytest.fixture(scope="module")
@@ -291,16 +291,8 @@ def narrow(tmp_path_factory, tiny_llama):
         yield info
 
 
-def open_stream(info, content, max_tokens=4096):
-    body = json.dumps({"messages": [{"role": "user", "content": content}], "max_tokens": max_tokens,
-                       "stream": True}).encode()
-    sock = socket.create_connection((info["host"], info["port"]), timeout=60)
-    sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                 + f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
-    data = b""
-    while b"data: " not in data:
-        data += sock.recv(4096)
-    return sock
+def stream_body(content: str, max_tokens: int = 4096) -> dict:
+    return {"messages": [{"role": "user", "content": content}], "max_tokens": max_tokens, "stream": True}
 
 
 def wait_for(info, condition, what: str):
@@ -317,7 +309,7 @@ def wait_idle(info):
 
 
 def test_past_the_queue_a_request_gets_429_with_retry_after(narrow):
-    long = open_stream(narrow, LONG)
+    long = open_stream(narrow, stream_body(LONG))
     try:
         conn = http.client.HTTPConnection(narrow["host"], narrow["port"], timeout=60)
         conn.request("POST", "/v1/chat/completions", json.dumps({"messages": [{"role": "user", "content": "Hi"}]}),
@@ -335,7 +327,7 @@ def test_past_the_queue_a_request_gets_429_with_retry_after(narrow):
 def test_a_client_that_leaves_frees_its_slot(narrow, streaming):
     before = raw(narrow, "GET", "/health")[1]["finished"]["cancelled"]
     if streaming:
-        sock = open_stream(narrow, LONG)
+        sock = open_stream(narrow, stream_body(LONG))
     else:
         body = json.dumps({"messages": [{"role": "user", "content": LONG}], "max_tokens": 4096}).encode()
         sock = socket.create_connection((narrow["host"], narrow["port"]))
@@ -356,7 +348,7 @@ def wide(tmp_path_factory, tiny_llama):
 
 
 def test_a_short_request_is_answered_while_a_long_one_runs(wide):
-    long = open_stream(wide, LONG)
+    long = open_stream(wide, stream_body(LONG))
     try:
         short = chat(wide, [{"role": "user", "content": "Hi"}])
         assert short.choices[0].finish_reason in ("stop", "length")
