@@ -159,12 +159,15 @@ def concurrent(info: dict, clients: int, max_tokens: int) -> dict:
 
 
 def long_answer(info: dict, prefix_text: str, out: dict) -> None:
-    """A long raw continuation of the URIAL prompt (no frame to stop it): it runs to 400 tokens or EOS."""
+    """A long raw continuation of the URIAL prompt (no frame to stop it), read until ``out["done"]`` is set
+    (leaving cancels it on the server) or it ends by itself (EOS or the server's token limit)."""
     text = prefix_text + urial.render_turn("Write a long, detailed essay about the history of writing systems.")
-    body = {"prompt": text, **GenerationOptions(max_tokens=400, stop=()).to_json()}
+    body = {"prompt": text, **GenerationOptions(max_tokens=4096, stop=()).to_json()}
     for chunk in stream_chat(info, body, "/v1/completions"):
         if chunk["choices"][0].get("text"):
             out.setdefault("first", time.perf_counter())
+        if out.get("done"):
+            break
     out["end"] = time.perf_counter()
 
 
@@ -185,8 +188,10 @@ def short_beside_long(info: dict, prefix_text: str, repeats: int = 3) -> dict:
             time.sleep(0.01)
         busy.append(ttft())
         answered = time.perf_counter()
+        ended = long.get("end")  # by itself, before the short answer's first token: nothing was measured
+        long["done"] = True
         thread.join()
-        if long["end"] < answered:
+        if ended is not None and ended < answered:
             raise RuntimeError("the long answer ended before the short one's first token; the model stops early")
     return {"idle_ttft": idle, "busy_ttft": statistics.median(busy), "busy / idle": statistics.median(busy) / idle}
 
