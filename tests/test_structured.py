@@ -181,6 +181,7 @@ def test_field_descriptions_reach_the_prompt_where_asked(bot):
     assert constraints.with_description(constraint, "system", query, "Be brief.") == (query, f"Be brief.\n\n{text}")
     assert constraints.with_description(constraint, "none", query, "") == (query, "")
     assert constraints.with_description(constraints.make("regex", "a+"), "both", query, "") == (query, "")
+    assert bot.request(query, schema=DESCRIBED).tokens == bot.request(query, system=text, remember=False).tokens
     with_hint = bot.request(query, schema=DESCRIBED, describe="both")
     plain = bot.request(query + "\n\n" + text, system=text)
     assert with_hint.tokens == plain.tokens
