@@ -60,19 +60,25 @@ def parsed(text: str):
     return None, False
 
 
+MISSING = object()  # no answer there: it equals nothing, not even an expected null
+
+
 def leaves_equal(expected, got) -> tuple:
     """(fields equal, fields) over the expected value's leaves, by the task set's rules (README there)."""
     if isinstance(expected, dict) and expected:
-        pairs = [leaves_equal(v, got.get(k) if isinstance(got, dict) else None) for k, v in expected.items()]
+        pairs = [leaves_equal(v, got.get(k, MISSING) if isinstance(got, dict) else MISSING)
+                 for k, v in expected.items()]
         return sum(p[0] for p in pairs), sum(p[1] for p in pairs)
     if isinstance(expected, list) and expected:
         got = got if isinstance(got, list) else []
-        pairs = [leaves_equal(v, got[i] if i < len(got) else None) for i, v in enumerate(expected)]
+        pairs = [leaves_equal(v, got[i] if i < len(got) else MISSING) for i, v in enumerate(expected)]
         return sum(p[0] for p in pairs), sum(p[1] for p in pairs)
     return int(same(expected, got)), 1
 
 
 def same(expected, got) -> bool:
+    if got is MISSING:
+        return False
     if expected is None or isinstance(expected, bool):
         return got is expected
     if isinstance(expected, (int, float)):
@@ -92,7 +98,7 @@ def quality(bot, tasks: list, describe: str, constrained: bool, max_tokens: int)
     for t, a in zip(tasks, answers):
         value, ok = (a.value, a.finish_reason == "stop") if constrained else parsed(a.text)
         valid = ok and jsonschema.Draft202012Validator(t["schema"]).is_valid(value)
-        r, n = leaves_equal(t["expected"], value if ok else None)
+        r, n = leaves_equal(t["expected"], value if ok else MISSING)
         right, total = right + r, total + n
         rows.append({"id": t["id"], "finish": a.finish_reason, "tokens": a.tokens, "valid": valid,
                      "fields_right": r, "fields": n, "text": a.text})

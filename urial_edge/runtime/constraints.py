@@ -69,8 +69,8 @@ UNENFORCED = ("Unimplemented keys", "Unknown format")
 LENIENT = '"x-guidance": {"lenient": true}'
 DESCRIBE = ("query", "system", "both", "none")  # where a schema's field descriptions go in the prompt
 # measured best on the bundled model (README, benchmarks/results/structured.md): in a system text, the most
-# answers complete (50 of 53) and as many fields are right as with no descriptions (149 and 150 of 332),
-# where after the query 115 are
+# answers complete (50 of 53) and as many fields are right as with no descriptions (147 of 332 each),
+# where after the query 113 are
 DEFAULT_DESCRIBE = "system"
 
 
