@@ -773,6 +773,7 @@ HUGE = "9" * 400
     ["ask", *sum((["--stop", s] for s in "abcdefghi"), []), "x"],
     ["serve", "--state-cache", "lots"], ["cache", "clear", "--older-than", "soon"],
     ["cache", "clear", "--max-size", "lots"], ["models", "import", "x.gguf", "--name", ""],
+    ["chat", "--web", "--regex", "[a-z]+"],
 ])
 def test_bad_values_on_the_command_line_exit_2(home, argv):
     result = invoke(*argv[:1], "--model", "no-such-model", *argv[1:]) if argv[0] == "ask" else invoke(*argv)
@@ -893,6 +894,11 @@ def test_closed_standard_input_and_output(home, tiny_llama, prompt_file):
     no_query = run_closed("<&-", "ask", *args, home=home)
     assert no_query.returncode == 1 and no_query.stderr.strip().splitlines() == [
         "error: no query: standard input is closed; pass the query as an argument"]
+    for argv, message in ((["chat", *args, "--no-server"], "no message to answer"),
+                          (["batch", "-", "-o", "out.jsonl", *args], "nothing to answer")):
+        closed = run_closed("<&-", *argv, home=home)
+        assert closed.returncode == 1 and closed.stderr.strip().splitlines() == [
+            f"error: standard input is closed: {message}"], closed.stderr
     lost = run_closed(">&-", "ask", *args, "--no-server", "Hi?", home=home)
     assert lost.returncode == 1 and lost.stderr.strip().splitlines()[-1] == \
         "error: standard output is closed: the output has nowhere to go"
@@ -933,6 +939,35 @@ def test_resuming_a_batch_with_other_options_is_refused(home, tiny_llama, prompt
     assert out.read_text() == before
     same = invoke("batch", infile, "-o", out, *tiny_args(tiny_llama, prompt_file, 4))
     assert same.exit_code == 0 and "1 answered, 1 already done" in same.stderr
+
+
+def test_resuming_with_another_constraint_is_refused(home, tiny_llama, prompt_file, tmp_path):
+    """A constraint is part of a run's setup: a batch line's own schema, the command line's constraint, or an
+    eval question's schema; resuming with another one would mix two setups in one file."""
+    infile, out = tmp_path / "q.jsonl", tmp_path / "out.jsonl"
+    schema = {"type": "object", "properties": {"n": {"type": "integer"}}, "required": ["n"]}
+    infile.write_text(json.dumps({"id": 1, "query": "Hi?", "schema": schema}) + "\n")
+    args = tiny_args(tiny_llama, prompt_file, 8)
+    assert invoke("batch", infile, "-o", out, *args, "--choice", "yes", "--choice", "no").exit_code == 0
+    other_schema = {**schema, "required": []}
+    infile.write_text(json.dumps({"id": 1, "query": "Hi?", "schema": other_schema}) + "\n"
+                      + json.dumps({"id": 2, "query": "Bye?"}) + "\n")
+    before = out.read_text()
+    one_line_error(invoke("batch", infile, "-o", out, *args, "--choice", "yes", "--choice", "no"), 1,
+                   "made with other options or another constraint")
+    infile.write_text(json.dumps({"id": 1, "query": "Hi?", "schema": schema}) + "\n"
+                      + json.dumps({"id": 2, "query": "Bye?"}) + "\n")
+    assert invoke("batch", infile, "-o", out, *args, "--choice", "yes", "--choice", "no").exit_code == 0
+    assert out.read_text().startswith(before) and json.loads(out.read_text().splitlines()[1])["value"] in ("yes", "no")
+    for changed in (["--choice", "yes", "--choice", "maybe"], []):  # line 2 under another constraint, or none
+        infile.write_text(json.dumps({"id": 2, "query": "Bye?"}) + "\n")
+        one_line_error(invoke("batch", infile, "-o", out, *args, *changed), 1, "another constraint")
+    questions, answers = tmp_path / "questions.jsonl", tmp_path / "eval"
+    questions.write_text(json.dumps({"id": "a", "query": "Yes or no?"}) + "\n")
+    run = ["eval", questions, "-o", answers, "-m", tiny_llama, "-p", prompt_file, "--max-tokens", "8"]
+    assert invoke(*run, "--choice", "yes", "--choice", "no").exit_code == 0
+    one_line_error(invoke(*run, "--regex", "[a-z]+"), 1, "another constraint")
+    assert invoke(*run, "--choice", "yes", "--choice", "no").exit_code == 0
 
 
 def test_implicit_ids_never_take_an_explicit_id(home, tiny_llama, prompt_file, tmp_path):

@@ -6,7 +6,6 @@ one (``ask`` and ``chat``; ``--no-server`` never uses one).
 """
 
 import json
-import sys
 from typing import Optional
 
 import click
@@ -20,7 +19,7 @@ from ..runtime.prompt import load_prompt, render_prefix
 from ..serve.discovery import find_server
 from .group import fail
 from .options import (constraint_options, generation_options, load_assistant, load_options, read_stdin,
-                      split_constraint, split_generation, text_argument)
+                      split_constraint, split_generation, standard_input, text_argument)
 from .serve import open_chat_page, serve
 
 # --no-daemon is the 0.1 spelling, still accepted
@@ -42,9 +41,8 @@ def ask(query, as_json, verbose, no_server, **kwargs):
     query = text_argument(query, "QUERY")
     constraint = split_constraint(kwargs)
     if query is None or query == "-":
-        if sys.stdin is None:
-            raise UrialError("no query: standard input is closed; pass the query as an argument")
-        if query is None and sys.stdin.isatty():
+        stdin = standard_input("no query: standard input is closed; pass the query as an argument")
+        if query is None and stdin.isatty():
             raise UrialError("no query: pass it as an argument, or pipe it on standard input")
         query = distributed.leader_stdin(read_stdin)  # under mlx.launch: rank 0 reads, every rank gets it
     if not query.strip():
@@ -121,6 +119,8 @@ def chat(session, verbose, no_server, web, **kwargs):
     """Interactive multi-turn chat. Commands: /reset, /save [NAME], /exit."""
     constraint = split_constraint(kwargs)  # every answer of the chat follows it
     if web:
+        if constraint is not None:
+            raise click.BadParameter("the chat page's answers take no constraint", param_hint="--web")
         return chat_page(kwargs)
     from ..runtime.sessions import check_name  # imports MLX, as loading the model will
 
@@ -129,6 +129,7 @@ def chat(session, verbose, no_server, web, **kwargs):
             check_name(text_argument(session, "--session"))
         except UrialError as e:
             raise click.BadParameter(str(e), param_hint="--session") from None
+    stdin = standard_input("standard input is closed: no message to answer")
     options = split_generation(kwargs)
     info = None if (no_server or session or kwargs["no_cache"]) else running_server_for(kwargs)
     if info is not None:
@@ -141,7 +142,7 @@ def chat(session, verbose, no_server, web, **kwargs):
     if conversation.turns:
         click.echo(f"(resumed session {session!r}: {len(conversation.turns)} turns)", err=True)
     click.echo("Type a message; /reset, /save [NAME], /exit. Ctrl-C stops an answer.", err=True)
-    if not repl(conversation, session, verbose, constraint):
+    if not repl(conversation, stdin, session, verbose, constraint):
         fail("the conversation was not saved (see the error above)")
 
 
@@ -155,13 +156,13 @@ def chat_page(kwargs: dict) -> None:
                                        kv_bits=kwargs["kv_bits"], open_page=True)
 
 
-def repl(conversation, session: Optional[str], verbose: bool, constraint=None) -> bool:
-    """Chat until /exit or the end of input; False if the conversation's last save failed."""
+def repl(conversation, stdin, session: Optional[str], verbose: bool, constraint=None) -> bool:
+    """Chat until /exit or the end of ``stdin``; False if the conversation's last save failed."""
     saved = True
     while True:
         try:
             click.echo(">>> ", nl=False, err=True)
-            line = distributed.leader_input(sys.stdin.readline)  # under mlx.launch: rank 0's line
+            line = distributed.leader_input(stdin.readline)  # under mlx.launch: rank 0's line
         except KeyboardInterrupt:
             click.echo("", err=True)
             break

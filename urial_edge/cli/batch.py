@@ -3,8 +3,8 @@
 Lines are answered in input order into a results file (``disk/results.py``), each flushed to disk
 before the next; a rerun skips the ids already answered. Nothing is written over data that is not
 ours: the output may not be the input itself, an existing output must hold our results only, and a
-rerun with other generation options is refused (its lines would mix two setups). A bad line is that
-line's error (exit 3); the others are answered. A line's own ``"schema"`` (a JSON Schema) constrains its
+rerun with other generation options or another constraint is refused (its lines would mix two setups).
+A bad line is that line's error (exit 3); the others are answered. A line's own ``"schema"`` (a JSON Schema) constrains its
 answer instead of the command line's constraint.
 """
 
@@ -14,14 +14,15 @@ from typing import Iterable, List, Optional, Tuple
 
 import click
 
-from ..disk.results import append_results, other_options, read_results
+from ..disk.results import append_results, other_setup, read_results
 from ..distributed import world as distributed
 from ..errors import UrialError
 from ..runtime import validate
+from ..runtime.constraints import Constraint, digest
 from ..runtime.options import GenerationOptions
 from .group import EXIT_BATCH_INVALID
 from .options import (constraint_options, generation_options, load_assistant, load_options, split_constraint,
-                      split_generation)
+                      split_generation, standard_input)
 
 BOM = b"\xef\xbb\xbf"
 Line = Tuple[int, object, Optional[str], object, Optional[str]]  # (line number, id, query, schema, problem)
@@ -30,9 +31,7 @@ Line = Tuple[int, object, Optional[str], object, Optional[str]]  # (line number,
 def input_lines(path: Path) -> Iterable[bytes]:
     """The lines of ``path`` (``-``: standard input), a UTF-8 byte order mark dropped."""
     if str(path) == "-":
-        if sys.stdin is None:
-            raise UrialError("standard input is closed: nothing to answer")
-        data = sys.stdin.buffer.read()
+        data = standard_input("standard input is closed: nothing to answer").buffer.read()
     else:
         try:
             data = path.read_bytes()
@@ -81,14 +80,20 @@ def read_batch(path: Path) -> List[Line]:
     return lines
 
 
-def read_inputs(infile: Path, out: Path, options: GenerationOptions) -> Tuple[List[Line], list]:
-    """The input lines and the ids already answered in ``out``, checked before anything is written."""
+def read_inputs(infile: Path, out: Path, options: GenerationOptions,
+                constraint: Optional[Constraint]) -> Tuple[List[Line], list]:
+    """The input lines and the ids already answered in ``out``, checked before anything is written: each
+    line's earlier answer was made with these options and the constraint it gets now."""
     finished = read_results(out, source=None if str(infile) == "-" else infile)
-    other = other_options(finished, lambda record: options.to_json())
+    items = read_batch(infile)
+    wanted = options.to_json()
+    setups = {item_id: {"options": wanted, "constraint": digest("schema", schema) if schema is not None else
+                        constraint and constraint.digest} for _, item_id, _, schema, problem in items if not problem}
+    other = other_setup(finished, lambda record: setups.get(record["id"]))
     if other is not None:
-        raise UrialError(f"{out} holds answers made with other options (id {other['id']!r}); use another output "
-                         "file or the same options")
-    return read_batch(infile), list(finished)
+        raise UrialError(f"{out} holds answers made with other options or another constraint (id {other['id']!r}); "
+                         "use another output file or the same options")
+    return items, list(finished)
 
 
 def plan(items: List[Line], finished: set) -> Tuple[list, list]:
@@ -124,7 +129,7 @@ def batch(infile, out, batch_size, **kwargs):
     options = split_generation(kwargs)
     # under mlx.launch rank 0 alone reads (and writes) the files and hands the lines to every rank
     read = distributed.leader_stdin if str(infile) == "-" else distributed.leader_input
-    items, finished = read(lambda: read_inputs(infile, out, options))
+    items, finished = read(lambda: read_inputs(infile, out, options, constraint))
     finished = set(finished)
     todo, invalid = plan(items, finished)
     requests, ids = [], []

@@ -140,6 +140,14 @@ def load_assistant(model, prompt, kv_bits: Optional[int], no_cache: bool, option
     return assistant
 
 
+def standard_input(problem: str):
+    """``sys.stdin``; a closed one (``<&-``, left None by ``main.guard_standard_streams``) is the one-line
+    error ``problem``."""
+    if sys.stdin is None:
+        raise UrialError(problem)
+    return sys.stdin
+
+
 def read_stdin() -> str:
     data = sys.stdin.buffer.read()
     try:

@@ -67,12 +67,13 @@ def _cut(path: Path, size: int) -> None:
         raise UrialError(f"cannot use {path}: {e.strerror}") from None
 
 
-def other_options(records: Dict[object, dict], expected: Callable[[dict], Optional[dict]]) -> Optional[dict]:
-    """The first record made with other generation options than ``expected(record)`` (None: any will do):
-    resuming with other options would mix two setups in one file."""
+def other_setup(records: Dict[object, dict], expected: Callable[[dict], Optional[dict]]) -> Optional[dict]:
+    """The first record made with another setup than ``expected(record)`` (None: any will do), a dict of the
+    record's keys that must match: its generation ``options`` and its ``constraint`` (a digest, None for
+    none). Resuming with another setup would mix two in one file."""
     for record in records.values():
         wanted = expected(record)
-        if wanted is not None and record.get("options") != wanted:
+        if wanted is not None and any(record.get(key) != value for key, value in wanted.items()):
             return record
     return None
 

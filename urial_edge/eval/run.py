@@ -18,10 +18,11 @@ from pathlib import Path
 from typing import Dict, Iterator, List, Optional, Sequence
 
 from ..disk.paths import ensure_dir
-from ..disk.results import append_results, other_options, read_results
+from ..disk.results import append_results, other_setup, read_results
 from ..errors import UrialError
 from ..model.registry import load_registry
 from ..runtime.assistant import Assistant
+from ..runtime.constraints import Constraint, digest
 from ..runtime.options import GenerationOptions
 from ..runtime.prompt import DEFAULT_PROMPT
 from .questions import Id, Question
@@ -60,13 +61,23 @@ def answer_id(config: Config, question: Question, turn: int) -> str:
     return f"{config.name} #{question.id} #{turn}"
 
 
-def check_options(records: Dict[Id, dict], configs: Sequence[Config], path: Path) -> None:
-    """A config's earlier answers must have been made with the same options."""
-    wanted = {c.name: c.options.to_json() for c in configs}
-    other = other_options(records, lambda record: wanted.get(record.get("config")))
+def check_setup(records: Dict[Id, dict], configs: Sequence[Config], questions: Sequence[Question],
+                constraint: Optional[Constraint], path: Path) -> None:
+    """A config's earlier answers must have been made with the same options, and each question's with the
+    constraint it gets now (its own schema, or the run's constraint)."""
+    options = {c.name: c.options.to_json() for c in configs}
+    constraints = {q.id: digest("schema", q.schema) if q.schema is not None else constraint and constraint.digest
+                   for q in questions}
+
+    def wanted(record: dict) -> Optional[dict]:
+        if record.get("config") not in options or record.get("question_id") not in constraints:
+            return None
+        return {"options": options[record["config"]], "constraint": constraints[record["question_id"]]}
+
+    other = other_setup(records, wanted)
     if other is not None:
-        raise UrialError(f"{path} holds answers of {other['config']!r} made with other options; "
-                         "use another output directory or the same options")
+        raise UrialError(f"{path} holds answers of {other['config']!r} made with other options or another "
+                         "constraint; use another output directory or the same options")
 
 
 def run(questions: List[Question], configs: List[Config], out: Path, batch_size: int = 8,
@@ -77,7 +88,7 @@ def run(questions: List[Question], configs: List[Config], out: Path, batch_size:
     """
     path = ensure_dir(out) / ANSWERS
     records = read_results(path)
-    check_options(records, configs, path)
+    check_setup(records, configs, questions, constraint, path)
     groups: Dict[tuple, List[Config]] = {}
     for c in configs:
         groups.setdefault((c.model, c.prompt), []).append(c)

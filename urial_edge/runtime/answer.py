@@ -23,10 +23,14 @@ class Answer:
     options: Dict[str, object] = field(default_factory=dict, repr=False)  # the generation options used
     server: Optional[str] = None  # "host:port" of the server that answered, if one did
     logprobs: Optional[List[TokenLogprob]] = field(default=None, repr=False)  # when asked for, one per token
-    # structured output: the answer had a constraint, and value is what it means (the parsed JSON, or the
-    # text), only if it completed (finish_reason "stop"); None otherwise
-    constrained: bool = False
+    # structured output: the digest of the answer's constraint (constraints.digest), and value, what the answer
+    # means (the parsed JSON, or the text), only if it completed (finish_reason "stop"); None otherwise
+    constraint: Optional[str] = None
     value: Any = None
+
+    @property
+    def constrained(self) -> bool:
+        return self.constraint is not None
 
     def as_dict(self) -> dict:
         stats = self.stats.as_dict()
@@ -35,7 +39,7 @@ class Answer:
         out = {"text": self.text, "finish_reason": self.finish_reason, "tokens": self.tokens, "stats": stats,
                "options": self.options}
         if self.constrained:
-            out["value"] = self.value
+            out["constraint"], out["value"] = self.constraint, self.value
         if self.logprobs is not None:
             out["logprobs"] = [asdict(t) for t in self.logprobs]
         return out
@@ -90,7 +94,7 @@ def generation_stream(seq: Generation, on_done=None) -> AnswerStream:
 
     def result(text: str) -> Answer:
         return Answer(text, seq.stats.generation_tokens, seq.finish_reason, seq.stats, seq.token_ids,
-                      seq.request.options.to_json(), logprobs=seq.logprobs, constrained=constraint is not None,
+                      seq.request.options.to_json(), logprobs=seq.logprobs, constraint=constraint and constraint.digest,
                       value=constrained_value(constraint, text, seq.finish_reason))
 
     return AnswerStream(seq, result, on_done, seq.cancel, seq, strip=constraint is None)

@@ -45,6 +45,7 @@ The library is imported only then, so ``--help`` and unconstrained answers never
 """
 
 import functools
+import hashlib
 import json
 import re
 import threading
@@ -216,6 +217,11 @@ class Constraint:
         """The keyword argument that makes this constraint again (plain JSON: what ranks of a split model get)."""
         return {self.kind: list(self.spec) if isinstance(self.spec, tuple) else self.spec}
 
+    @property
+    def digest(self) -> str:
+        (kind, spec), = self.arguments().items()
+        return digest(kind, spec)
+
     def response_format(self) -> dict:
         """This constraint as a server request's ``response_format`` (what ``ask`` sends to a server)."""
         kind = KINDS[self.kind]
@@ -227,6 +233,12 @@ class Constraint:
         if not KINDS[self.kind].json or not isinstance(self.spec.get("properties"), dict):
             return ""
         return "Answer with a JSON object with these fields:\n" + "\n".join(_fields(self.spec, self.spec, 0))
+
+
+def digest(kind: str, spec: Any) -> str:
+    """A short digest of a constraint (its kind, and its spec as JSON, as given or made): results files keep it
+    with each answer, so that a resumed run with another constraint is refused."""
+    return hashlib.sha256(json.dumps({kind: spec}, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def make(kind: str, spec: Any) -> Constraint:

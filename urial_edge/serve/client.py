@@ -86,7 +86,7 @@ def remote_stream(info: dict, messages: List[dict], options, on_done=None, const
         tokens = final.get("usage", {}).get("completion_tokens", 0)
         reason = final["choices"][0]["finish_reason"]
         return Answer(text, tokens, reason, Stats(**known), [], final.get("options") or {},
-                      f"{info['host']}:{info['port']}", constrained=constraint is not None,
+                      f"{info['host']}:{info['port']}", constraint=constraint and constraint.digest,
                       value=constrained_value(constraint, text, reason))
 
     return AnswerStream(pieces(), result, on_done, strip=constraint is None)
