@@ -69,7 +69,6 @@ class ChatSession:
         constraint = pop_constraint(options)
         shown, _ = with_description(constraint, "query" if describe in ("system", "both") else describe, message, "")
         new_ids = self.conversation_ids(urial.render_turn(shown), fit=True)[len(self.ids):]
-        a._fit(len(self.ids), len(new_ids))
         stats = Stats(cache_hit=a.prefix.hit, cached_tokens=len(self.ids))
         seq = a.engine.submit(Request(new_ids, self.state, self.ids, a._options(options), keep_state=True,
                                       logprobs=check_logprobs(logprobs), constraint=constraint, stats=stats,
