@@ -245,5 +245,7 @@ def open_stream(info: dict, body: dict, path: str = "/v1/chat/completions", firs
                  f"Content-Length: {len(data)}\r\n\r\n".encode() + data)
     got = b""
     while first not in got.partition(b"\r\n\r\n")[2]:
-        got += sock.recv(4096)
+        chunk = sock.recv(4096)
+        assert chunk, f"the server closed the connection before the answer started: {got!r}"
+        got += chunk
     return sock
