@@ -125,21 +125,23 @@ GEMMA_LIKE = ("{{ bos_token }}{% for m in messages %}{% if m['role'] == 'assista
               "<end_of_turn>\n{% endfor %}{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}")
 
 
-@pytest.mark.parametrize("source,end", [(SMOLLM2_TEMPLATE, "<|im_end|>"), (GEMMA_LIKE, "<end_of_turn>")])
-def test_chat_template_renders_like_transformers_and_finds_the_end_of_turn(source, end):
-    from transformers.utils.chat_template_utils import render_jinja_template
+SMOLLM2_SYSTEM = "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n"
 
+
+@pytest.mark.parametrize("source,end,turn", [
+    (SMOLLM2_TEMPLATE, "<|im_end|>", SMOLLM2_SYSTEM + "<|im_start|>user\n{}<|im_end|>\n<|im_start|>assistant\n"),
+    (GEMMA_LIKE, "<end_of_turn>", "<bos><start_of_turn>user\n{}<end_of_turn>\n<start_of_turn>model\n")])
+def test_chat_template_renders_the_user_turn_and_finds_the_end_of_turn(source, end, turn):
     template = ChatTemplate(source, "<bos>", "<eos>")
-    for query in ("Hi", "  Two lines\nand {{ braces }} "):
-        expected = render_jinja_template([[{"role": "user", "content": query}]], chat_template=source,
-                                         add_generation_prompt=True, bos_token="<bos>", eos_token="<eos>")[0][0]
-        assert template.prompt(query) == expected
+    for query in ("Hi", "  Two lines\nand {{ braces }} "):  # the message is text, never template code
+        shown = query.strip() if source is GEMMA_LIKE else query  # (that template trims it)
+        assert template.prompt(query) == turn.format(shown)
     assert template.end_of_turn() == end
     refusing = ChatTemplate("{{ raise_exception('only system and user roles') }}", name="m")
     with pytest.raises(UrialError, match="the chat template of m failed: only system and user roles"):
         refusing.prompt("Hi")
-    with pytest.raises(UrialError, match="does not compile"):
-        ChatTemplate("{% for %}")
+    with pytest.raises(UrialError, match="the chat template of m does not compile"):
+        ChatTemplate("{% for %}", name="m").prompt("Hi")
 
 
 def test_gguf_import_keeps_the_chat_template(tmp_path, home):

@@ -1,16 +1,15 @@
-"""An instruction-tuned model's own chat template, rendered the way transformers renders it.
+"""An instruction-tuned model's own chat template, rendered by transformers.
 
 ``urial-edge shift --aligned-model M`` asks a tuned model for its answers the way
 it was trained to be asked: the Jinja template in its ``tokenizer_config.json``
 (``chat_template``; imported GGUF files keep theirs, see model/gguf_import.py) or
-a ``chat_template.jinja`` file, rendered with jinja2 in a sandbox with
-transformers' settings (``trim_blocks``, ``lstrip_blocks``, ``raise_exception``,
-``tojson``), for one user message with the generation prompt. The rendered text
-carries its own special tokens (BOS included), so it is tokenized without adding any.
+a ``chat_template.jinja`` file, rendered by transformers' own renderer (its
+sandbox, filters and message handling) for one user message with the generation
+prompt. The rendered text carries its own special tokens (BOS included), so it is
+tokenized without adding any.
 """
 
 import json
-import time
 from pathlib import Path
 from typing import List, Optional
 
@@ -51,22 +50,7 @@ class ChatTemplate:
     """Renders one user turn and knows the text that ends an assistant turn."""
 
     def __init__(self, source: str, bos_token: str = "", eos_token: str = "", name: str = "the model"):
-        import jinja2
-        from jinja2.sandbox import ImmutableSandboxedEnvironment
-
-        def raise_exception(message):
-            raise jinja2.exceptions.TemplateError(message)
-
-        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
-                                            extensions=["jinja2.ext.loopcontrols"])
-        env.filters["tojson"] = lambda x, indent=None, **kw: json.dumps(x, ensure_ascii=False, indent=indent)
-        env.globals["raise_exception"] = raise_exception
-        env.globals["strftime_now"] = lambda fmt: time.strftime(fmt)
-        self.name, self.bos_token, self.eos_token = name, bos_token, eos_token
-        try:
-            self.template = env.from_string(source)
-        except jinja2.exceptions.TemplateError as e:
-            raise UrialError(f"the chat template of {name} does not compile: {one_line(e)}") from None
+        self.source, self.bos_token, self.eos_token, self.name = source, bos_token, eos_token, name
 
     @classmethod
     def of_model(cls, model_path: Path, name: Optional[str] = None) -> "ChatTemplate":
@@ -80,13 +64,19 @@ class ChatTemplate:
         return cls(source, _token_text(config.get("bos_token")), _token_text(config.get("eos_token")), label)
 
     def render(self, messages: List[dict], add_generation_prompt: bool) -> str:
+        """The template applied to ``messages`` (transformers compiles it once and keeps it)."""
         import jinja2
+        from transformers.utils.chat_template_utils import render_jinja_template
 
         try:
-            return self.template.render(messages=messages, add_generation_prompt=add_generation_prompt,
-                                        bos_token=self.bos_token, eos_token=self.eos_token)
+            rendered, _ = render_jinja_template([messages], chat_template=self.source,
+                                                add_generation_prompt=add_generation_prompt,
+                                                bos_token=self.bos_token, eos_token=self.eos_token)
+        except jinja2.exceptions.TemplateSyntaxError as e:
+            raise UrialError(f"the chat template of {self.name} does not compile: {one_line(e)}") from None
         except jinja2.exceptions.TemplateError as e:
             raise UrialError(f"the chat template of {self.name} failed: {one_line(e)}") from None
+        return rendered[0]
 
     def prompt(self, query: str) -> str:
         """The text before the model's answer to ``query``: the user turn and the assistant's opening."""
