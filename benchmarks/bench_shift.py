@@ -75,9 +75,10 @@ def speed(n_answers: int, repeats: int) -> list:
             if seconds < best[name][0]:
                 best[name] = (seconds, mx.get_peak_memory() / 1e9)
     seqs = prepared.seqs
-    fed = {"plain full pass, batch 1": sum(len(prepared.prefix) + len(s.tokens) for s in seqs),
-           "cached prefix, batch 1": sum(len(s.tokens) for s in seqs),
-           "cached prefix, batch 8": sum(max(len(seqs[i].tokens) for i in g) * len(g)
+    # what the model body runs over: every token but the last, which predicts nothing scored
+    fed = {"plain full pass, batch 1": sum(len(prepared.prefix) + len(s.tokens) - 1 for s in seqs),
+           "cached prefix, batch 1": sum(len(s.tokens) - 1 for s in seqs),
+           "cached prefix, batch 8": sum((max(len(seqs[i].tokens) for i in g) - 1) * len(g)
                                          for g in scoring.batches(seqs, 8))}  # padding included
     return [{"path": name, "answers": len(items), "answer tokens": tokens, "tokens fed": fed[name],
              "seconds": best[name][0], "tokens/s": tokens / best[name][0], "peak GB": best[name][1]}
