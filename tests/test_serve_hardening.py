@@ -2,10 +2,12 @@
 streams ended by a final event on SIGTERM, case-insensitive Bearer, no secrets in /health behind a key,
 IPv6 loopback, and ``ask`` finding a server that serves its model whichever model it was started with."""
 
+import errno
 import http.client
 import json
 import os
 import select
+import shutil
 import signal
 import socket
 import subprocess
@@ -140,6 +142,55 @@ def test_ipv6_loopback_with_a_key_lower_case_bearer_and_no_secrets_in_health(tmp
 
 LONG = "Count to ten."  # on the tiny llama model this greedy answer runs to about 1,900 tokens
 
+
+def open_writer(fifo) -> int:
+    """The FIFO's write end once a reader has it open (else 0: not yet)."""
+    try:
+        return os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)
+    except OSError as e:
+        if e.errno == errno.ENXIO:
+            return 0
+        raise
+
+
+def test_sigterm_while_a_model_loads_on_demand_waits_for_the_load_and_answers_503(tmp_path, tiny_llama, tiny_gemma):
+    """A load runs MLX work on a thread of its own: the process must not exit under it, and the request that
+    asked for it gets an answer. The model's tokenizer.json is a FIFO, so its load holds until the test has
+    seen the server start stopping."""
+    home = tmp_path / "home"
+    slow = home / "models" / "slow"
+    shutil.copytree(tiny_gemma, slow)
+    tokenizer = slow / "tokenizer.json"
+    content = tokenizer.read_bytes()
+    tokenizer.unlink()
+    os.mkfifo(tokenizer)
+    prompt = tmp_path / "tiny.toml"
+    prompt.write_text(TINY_PROMPT)
+    proc, host, port = start_server(home, tiny_llama, prompt)
+    reply = {}
+
+    def ask():
+        conn = http.client.HTTPConnection(host, port, timeout=DEADLINE)
+        conn.request("POST", "/v1/chat/completions", json.dumps({"model": "slow", "max_tokens": 4,
+                                                                 "messages": [{"role": "user", "content": "Hi"}]}))
+        response = conn.getresponse()
+        reply.update(status=response.status, body=json.loads(response.read()))
+
+    thread = threading.Thread(target=ask)
+    thread.start()
+    writer = wait_until(lambda: open_writer(tokenizer), what="the load to read the tokenizer")
+    proc.send_signal(signal.SIGTERM)
+    assert next(line for line in proc.stderr if line.startswith("stopping")) == "stopping (requests in flight: 1)\n"
+    spare = tmp_path / "tokenizer.json"
+    spare.write_bytes(content)
+    os.replace(spare, tokenizer)  # later reads get the file itself
+    os.set_blocking(writer, True)
+    with os.fdopen(writer, "wb") as fifo:
+        fifo.write(content)
+    thread.join(DEADLINE)
+    _, err = proc.communicate(timeout=DEADLINE)
+    assert proc.returncode == 0 and "Traceback" not in err, err
+    assert reply["status"] == 503 and "shutting down" in reply["body"]["error"]["message"], reply
 
 def test_sigterm_ends_every_answer_with_a_final_event(tmp_path, tiny_llama):
     prompt = tmp_path / "tiny.toml"

@@ -14,6 +14,7 @@ them in (else 408), an idle connection is closed after the same time, and past
 client that closes its connection has its answer cancelled (:class:`Watchdog`).
 """
 
+import contextlib
 import io
 import json
 import os
@@ -25,7 +26,7 @@ import threading
 import time
 import traceback
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Callable, Dict, Optional, Tuple
+from typing import Callable, Dict, Iterator, Optional, Tuple
 
 from ..errors import UrialError, one_line
 from ..log import warn
@@ -112,6 +113,7 @@ class Server(ThreadingHTTPServer):
         self.address_family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
         self.max_connections, self.request_timeout = max_connections, request_timeout
         self.connections = 0
+        self.requests = 0  # requests being handled: read, and not yet answered
         self._count = threading.Lock()
         self.stopping = threading.Event()  # set on SIGTERM: answers end with a final event, new ones get 503
         self.watchdog = Watchdog()
@@ -141,6 +143,17 @@ class Server(ThreadingHTTPServer):
     def _release(self) -> None:
         with self._count:
             self.connections -= 1
+
+    @contextlib.contextmanager
+    def handling(self) -> Iterator[None]:
+        """Count a request as in flight until its answer is sent (a server that stops waits for them)."""
+        with self._count:
+            self.requests += 1
+        try:
+            yield
+        finally:
+            with self._count:
+                self.requests -= 1
 
     def refuse(self, request: socket.socket) -> None:
         """Answer 503 without a thread; the watchdog drains and closes the socket (closing it with the
@@ -187,10 +200,6 @@ class Watchdog:
     def linger(self, sock: socket.socket) -> None:
         with self.lock:
             self.lingering[sock] = time.monotonic() + LINGER
-
-    def answering(self) -> int:
-        with self.lock:
-            return len(self.watched)
 
     def cancel_all(self) -> None:
         with self.lock:
@@ -416,6 +425,10 @@ class Handler(BaseHTTPRequestHandler):
         self.wfile.write(body)
 
     def dispatch(self, method: str) -> None:
+        with self.server.handling():
+            self._dispatch(method)
+
+    def _dispatch(self, method: str) -> None:
         self.path = self.path.split("?", 1)[0]
         try:
             found = self.files(self.path) if method == "GET" and self.files is not None else None

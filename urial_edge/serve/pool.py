@@ -47,6 +47,8 @@ from .http import BadRequest
 
 LOADER_NICE = 10  # how much lower a loading thread's CPU priority is (Linux)
 LOAD_WAIT = 60.0  # seconds a load waits for busy models to make room before the request gets 503
+CLOSE_WAIT = 120.0  # seconds closing waits for loads under way (MLX work must not run at exit)
+SHUTTING_DOWN = "the server is shutting down"
 REAP_EVERY = 1.0
 LATEST = "latest"  # Ollama's tag for "the default": here, the default prompt
 
@@ -246,6 +248,9 @@ class Pool:
         name, prompt_name = self.named(requested)
         keep = parse_keep_alive(keep_alive) if keep_alive is not None else None
         loaded, assistant = self._acquire(self.resolve(name), name, self.prompt(prompt_name))
+        if self.closed:  # it stopped while this request's model loaded
+            self._release(loaded, False, None)
+            raise BadRequest(SHUTTING_DOWN, 503)
         try:
             yield Served(assistant, requested or self.default_name, time.perf_counter() - started)
         finally:
@@ -387,11 +392,15 @@ class Pool:
         if _LIBC is not None:  # glibc keeps freed heap pages (threads' arenas) unless asked to give them back
             _LIBC.malloc_trim(0)
 
-    def close(self) -> None:
-        """Stop the reaper and the engine threads of the idle models (a split model's lock-step stops its own)."""
+    def close(self, wait: float = CLOSE_WAIT) -> None:
+        """Stop the reaper, let the loads under way finish (their requests then get 503), and stop the engine
+        threads of the idle models (a split model's lock-step stops its own)."""
+        deadline = time.monotonic() + wait
         with self.lock:
             self.closed = True
             self.lock.notify_all()
+            while self.loading and time.monotonic() < deadline:
+                self.lock.wait(0.1)
             engines = [m.engine for m in self.models.values() if m.idle()] if self.load is not None else []
         for engine in engines:
             engine.stop()

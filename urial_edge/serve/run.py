@@ -8,12 +8,14 @@ requests that name none; others load on demand (``pool.py``). Up to
 wait; past that a request gets 429 with ``Retry-After``. A client that goes away
 (streaming or not) has its answer cancelled, which frees its slot at the next
 step. On SIGTERM the server stops taking requests, ends every answer in flight
-with a final event (and 503 for answers not streamed), and exits.
+with a final event (and 503 for answers not streamed), lets the model loads under
+way finish (no MLX work may run at exit; their requests get 503), and exits.
 """
 
 import os
 import secrets
 import signal
+import sys
 import threading
 import time
 from dataclasses import dataclass
@@ -32,6 +34,7 @@ from .pool import Pool
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 STOP_WAIT = 10.0  # seconds to let the answers in flight send their final event on SIGTERM
+AFTER_LOADS_WAIT = 2.0  # then, once the loads under way are over, for their requests' 503
 
 
 @dataclass
@@ -141,6 +144,7 @@ def serve(assistant, name: str, settings: Settings, on_demand: bool = True, read
 
     def stop(signum, frame):
         httpd.stopping.set()
+        print(f"stopping (requests in flight: {httpd.requests})", file=sys.stderr, flush=True)
         threading.Thread(target=httpd.shutdown, daemon=True).start()
 
     signal.signal(signal.SIGTERM, stop)
@@ -151,15 +155,17 @@ def serve(assistant, name: str, settings: Settings, on_demand: bool = True, read
     except KeyboardInterrupt:
         httpd.stopping.set()
     finally:
-        end_answers(httpd)
+        end_requests(httpd)
         httpd.server_close()
-        httpd.pool.close()
+        httpd.pool.close()  # after the loads under way, whose requests get 503
+        end_requests(httpd, AFTER_LOADS_WAIT)
         record.unlink(missing_ok=True)
 
 
-def end_answers(httpd: Server) -> None:
-    """Cancel every answer in flight and give their handlers a moment to send the final event."""
-    deadline = time.monotonic() + STOP_WAIT
-    while httpd.watchdog.answering() and time.monotonic() < deadline:
+def end_requests(httpd: Server, wait: float = STOP_WAIT) -> None:
+    """Cancel every answer in flight and give the handlers of every request a moment to send their final
+    event or their error (a request whose model is loading waits for it, then gets 503)."""
+    deadline = time.monotonic() + wait
+    while httpd.requests and time.monotonic() < deadline:
         httpd.watchdog.cancel_all()  # again and again: a request may have started its answer just now
         time.sleep(0.05)
