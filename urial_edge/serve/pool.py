@@ -41,6 +41,7 @@ from ..errors import UrialError, one_line
 from ..model.loading import weight_files
 from ..model.registry import load_registry
 from ..model.store import list_models, resolve_model
+from ..runtime.engine import mlx_thread
 from ..runtime.prompt import Prompt, builtin_prompts, load_prompt
 from ..units import format_size, parse_keep_alive
 from .http import BadRequest
@@ -79,7 +80,7 @@ def loading_thread(work: Callable[[], object]) -> object:
         except BaseException as e:  # re-raised in the requesting thread
             out["error"] = e
 
-    thread = threading.Thread(target=run, name="urial-edge-loader", daemon=True)
+    thread = threading.Thread(target=mlx_thread(run), name="urial-edge-loader", daemon=True)
     thread.start()
     thread.join()
     if "error" in out:
@@ -164,6 +165,7 @@ class Pool:
         self._prompts: Dict[str, Prompt] = {}  # prompts read so far
         self.finished_before: Dict[str, int] = {}  # answers by outcome of the models unloaded so far
         self.closed = False
+        self.stopping = threading.Event()  # the server's: once set, a model ready for a request answers nothing
         self.load_wait = LOAD_WAIT
         self.models[default.model_path] = Loaded(default_name, default.model_path, {default.prompt.name: default},
                                                  weights_bytes(default.model_path), None, 0.0)
@@ -248,7 +250,7 @@ class Pool:
         name, prompt_name = self.named(requested)
         keep = parse_keep_alive(keep_alive) if keep_alive is not None else None
         loaded, assistant = self._acquire(self.resolve(name), name, self.prompt(prompt_name))
-        if self.closed:  # it stopped while this request's model loaded
+        if self.closed or self.stopping.is_set():  # the server stops (maybe while this request's model loaded)
             self._release(loaded, False, None)
             raise BadRequest(SHUTTING_DOWN, 503)
         try:

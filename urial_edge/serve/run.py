@@ -139,6 +139,7 @@ def serve(assistant, name: str, settings: Settings, on_demand: bool = True, read
     httpd.api_key, httpd.verbose, httpd.token = settings.api_key, settings.verbose, secrets.token_hex(16)
     httpd.pool = Pool(assistant, name, loader(assistant) if on_demand else None, settings.keep_alive,
                       settings.max_models, settings.max_memory)
+    httpd.pool.stopping = httpd.stopping
     info = record_info(httpd, assistant, settings)
     record = discovery.write_record(info)
 
