@@ -4,8 +4,8 @@ Lines are answered in input order into a results file (``disk/results.py``), eac
 before the next; a rerun skips the ids already answered. Nothing is written over data that is not
 ours: the output may not be the input itself, an existing output must hold our results only, and a
 rerun with other generation options or another constraint is refused (its lines would mix two setups).
-A bad line is that line's error (exit 3); the others are answered. A line's own ``"schema"`` (a JSON Schema) constrains its
-answer instead of the command line's constraint.
+A bad line is that line's error (exit 3); the others are answered. A line's own ``"schema"`` (a JSON
+Schema) constrains its answer instead of the command line's constraint.
 """
 
 import sys
@@ -18,7 +18,7 @@ from ..disk.results import append_results, other_setup, read_results
 from ..distributed import world as distributed
 from ..errors import UrialError
 from ..runtime import validate
-from ..runtime.constraints import Constraint, digest
+from ..runtime.constraints import Constraint, for_item, item_digest
 from ..runtime.options import GenerationOptions
 from .group import EXIT_BATCH_INVALID
 from .options import (constraint_options, generation_options, load_assistant, load_options, split_constraint,
@@ -87,8 +87,8 @@ def read_inputs(infile: Path, out: Path, options: GenerationOptions,
     finished = read_results(out, source=None if str(infile) == "-" else infile)
     items = read_batch(infile)
     wanted = options.to_json()
-    setups = {item_id: {"options": wanted, "constraint": digest("schema", schema) if schema is not None else
-                        constraint and constraint.digest} for _, item_id, _, schema, problem in items if not problem}
+    setups = {item_id: {"options": wanted, "constraint": item_digest(schema, constraint)}
+              for _, item_id, _, schema, problem in items if not problem}
     other = other_setup(finished, lambda record: setups.get(record["id"]))
     if other is not None:
         raise UrialError(f"{out} holds answers made with other options or another constraint (id {other['id']!r}); "
@@ -137,9 +137,7 @@ def batch(infile, out, batch_size, **kwargs):
         assistant = load_assistant(**kwargs, options=options, batch_size=batch_size)
         for n, item_id, query, schema in todo:
             try:
-                requests.append(assistant.request(query, no_cache=kwargs["no_cache"],
-                                                  **({"schema": schema} if schema is not None else
-                                                     {"constraint": constraint})))
+                requests.append(assistant.request(query, no_cache=kwargs["no_cache"], **for_item(schema, constraint)))
                 ids.append(item_id)
             except UrialError as e:
                 invalid.append((n, str(e)))

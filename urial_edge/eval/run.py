@@ -22,7 +22,7 @@ from ..disk.results import append_results, other_setup, read_results
 from ..errors import UrialError
 from ..model.registry import load_registry
 from ..runtime.assistant import Assistant
-from ..runtime.constraints import Constraint, digest
+from ..runtime.constraints import Constraint, for_item, item_digest
 from ..runtime.options import GenerationOptions
 from ..runtime.prompt import DEFAULT_PROMPT
 from .questions import Id, Question
@@ -66,8 +66,7 @@ def check_setup(records: Dict[Id, dict], configs: Sequence[Config], questions: S
     """A config's earlier answers must have been made with the same options, and each question's with the
     constraint it gets now (its own schema, or the run's constraint)."""
     options = {c.name: c.options.to_json() for c in configs}
-    constraints = {q.id: digest("schema", q.schema) if q.schema is not None else constraint and constraint.digest
-                   for q in questions}
+    constraints = {q.id: item_digest(q.schema, constraint) for q in questions}
 
     def wanted(record: dict) -> Optional[dict]:
         if record.get("config") not in options or record.get("question_id") not in constraints:
@@ -110,9 +109,8 @@ def _answer_turn(bot, todo, turn: int, records: Dict[Id, dict], path: Path, batc
     for c, q in todo:
         history = [(q.turns[k - 1], records[answer_id(c, q, k)]["text"]) for k in range(1, turn)]
         try:
-            shape = {"schema": q.schema} if q.schema is not None else {"constraint": constraint}
-            requests.append(bot.request(q.turns[turn - 1], history=history, remember=False, **shape,
-                                        **asdict(c.options)))
+            requests.append(bot.request(q.turns[turn - 1], history=history, remember=False,
+                                        **for_item(q.schema, constraint), **asdict(c.options)))
         except UrialError as e:
             raise UrialError(f"question {q.id!r}, turn {turn}: {e}") from None
 

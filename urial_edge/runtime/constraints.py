@@ -241,6 +241,16 @@ def digest(kind: str, spec: Any) -> str:
     return hashlib.sha256(json.dumps({kind: spec}, sort_keys=True).encode()).hexdigest()[:16]
 
 
+def for_item(schema: Any, constraint: Optional[Constraint]) -> dict:
+    """The keyword arguments that constrain one item's answer (a batch line's, an eval question's): its own
+    JSON Schema if it has one, else the run's constraint (None: none)."""
+    return {"schema": schema} if schema is not None else {"constraint": constraint}
+
+
+def item_digest(schema: Any, constraint: Optional[Constraint]) -> Optional[str]:
+    """The digest the answer of :func:`for_item`'s item records (what a resumed run is checked against)."""
+    return digest("schema", schema) if schema is not None else constraint and constraint.digest
+
 def make(kind: str, spec: Any) -> Constraint:
     """A constraint of ``kind`` (see :data:`KINDS`), checked and compiled; a one-line UrialError naming the
     kind if the spec is invalid or uses a feature the engine does not support."""
