@@ -251,6 +251,7 @@ def item_digest(schema: Any, constraint: Optional[Constraint]) -> Optional[str]:
     """The digest the answer of :func:`for_item`'s item records (what a resumed run is checked against)."""
     return digest("schema", schema) if schema is not None else constraint and constraint.digest
 
+
 def make(kind: str, spec: Any) -> Constraint:
     """A constraint of ``kind`` (see :data:`KINDS`), checked and compiled; a one-line UrialError naming the
     kind if the spec is invalid or uses a feature the engine does not support."""
